@@ -1,0 +1,285 @@
+"""CLIP image and text encoders from open_clip, with dense features in the joint image-text space.
+
+`CLIPBackbone` wraps any open_clip ResNet or ViT model. Besides the usual global image embedding
+and text embeddings it gives, for images of any size:
+
+* `dense_features(images, mode)`: one joint-space embedding per patch (ViT) or per stride-32
+  location (ResNet), computed by one of the training-free last-layer variants of `DENSE_MODES`;
+* `feature_maps(images, indices)`: intermediate feature maps for decoders.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+# How each dense mode changes the last block of a ViT:
+# (attention kind, keep the residual path, keep the feed-forward path).
+_VIT_LAST_BLOCK = {
+    "plain": ("qk", True, True),  # unchanged CLIP: attention of q against k
+    "maskclip": ("value", True, True),  # MaskCLIP: value path only, then residual and FFN
+    "sclip": ("csa", True, True),  # SCLIP: correlative self-attention, q-q plus k-k
+    "clearclip": ("qq", False, False),  # ClearCLIP: q-q attention, no residual, no FFN
+    "naclip": ("kk_gauss", False, False),  # NACLIP: k-k attention + Gaussian neighbourhood
+}
+DENSE_MODES = tuple(_VIT_LAST_BLOCK)
+RESNET_DENSE_MODES = ("plain", "maskclip")
+
+
+@dataclass
+class DenseFeatures:
+    """Dense joint-space features of a batch of images.
+
+    features: (B, D, h, w) embeddings in the image-text space (not normalised).
+    keys: (B, C, h, w) key features of the last attention layer, for MaskCLIP's key smoothing.
+    """
+
+    features: torch.Tensor
+    keys: torch.Tensor
+
+
+def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], extra_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resize a (extra + g*g, C) positional embedding to (extra + grid[0]*grid[1], C)."""
+    extra, spatial = pos[:extra_tokens], pos[extra_tokens:]
+    side = int(math.isqrt(spatial.shape[0]))
+    if (side, side) == tuple(grid):
+        return pos
+    spatial = spatial.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
+    spatial = spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([extra, spatial], dim=0)
+
+
+def gaussian_neighbourhood(grid: tuple[int, int], std: float, device=None) -> torch.Tensor:
+    """NACLIP's additive attention bias: (1 + h*w, 1 + h*w), exp(-d^2 / 2 std^2) between patches, 0 for the class token."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()
+    bias = torch.exp(-torch.cdist(coords, coords).square() / (2 * std**2))
+    return F.pad(bias, (1, 0, 1, 0))
+
+
+class CLIPBackbone(nn.Module):
+    """A CLIP model (open_clip) with global, text and dense embeddings.
+
+    Build it with `ovdense.backbones.load_clip`. Images given to the `encode_image`,
+    `dense_features` and `feature_maps` methods are (B, 3, H, W) tensors already normalised with
+    `image_mean` / `image_std`; any H and W work (positional embeddings are resized).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, name: str, weights: str):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weights = weights
+        visual = model.visual
+        if isinstance(visual, VisionTransformer):
+            self.arch = "vit"
+        elif isinstance(visual, ModifiedResNet):
+            self.arch = "resnet"
+        else:
+            raise NotImplementedError(
+                f"{name}: dense features need an open_clip ViT or ModifiedResNet image tower, got {type(visual).__name__}")
+        self.image_mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
+        self.image_std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+        self.naclip_std = 5.0
+
+    # ----------------------------------------------------------------------------------- basics
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.output_dim
+
+    @property
+    def stride(self) -> int:
+        """Pixels per dense-feature cell."""
+        return self.visual.patch_size[0] if self.arch == "vit" else 32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.visual.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.visual.parameters()).device
+
+    @property
+    def identity(self) -> str:
+        """A string naming the architecture and the weights, used to key embedding caches."""
+        return f"{self.name}@{self.weights}"
+
+    def supported_modes(self) -> tuple[str, ...]:
+        return DENSE_MODES if self.arch == "vit" else RESNET_DENSE_MODES
+
+    # ------------------------------------------------------------------------------------- text
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """(N,) strings -> (N, context_length) token ids; an over-long prompt is an error, not a silent cut."""
+        limit = getattr(self.tokenizer, "context_length", None)
+        encode = getattr(self.tokenizer, "encode", None)
+        if limit and encode:
+            for text in texts:
+                n = len(encode(text)) + 2  # start and end tokens
+                if n > limit:
+                    raise ValueError(f"prompt {text!r} is {n} tokens long; the text encoder of {self.name} "
+                                     f"takes at most {limit}. Shorten the class name.")
+        return self.tokenizer(texts)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(N,) strings -> (N, D) text embeddings (not normalised)."""
+        return self.model.encode_text(self.tokenize(texts).to(self.device))
+
+    # ------------------------------------------------------------------------------------ image
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D) global image embedding, equal to open_clip's `encode_image` at its native size."""
+        images = images.to(self.dtype)
+        if self.arch == "resnet":
+            return self._attention_pool(self._resnet_trunk(images)[-1])[:, 0]
+        x, _ = self._vit_embed(images)
+        x = self._vit_blocks(x, self.visual.transformer.resblocks)
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj
+
+    def dense_features(self, images: torch.Tensor, mode: str = "maskclip") -> DenseFeatures:
+        """(B, 3, H, W) -> DenseFeatures with (B, D, H/stride, W/stride) joint-space features."""
+        if mode not in self.supported_modes():
+            raise ValueError(f"dense mode {mode!r} is not available for {self.name} ({self.arch}); "
+                             f"choose one of {', '.join(self.supported_modes())}")
+        images = images.to(self.dtype)
+        if self.arch == "resnet":
+            return self._resnet_dense(images, mode)
+        return self._vit_dense(images, mode)
+
+    def feature_maps(self, images: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """Intermediate maps: ViT block outputs or ResNet stage outputs, each (B, C, h, w).
+
+        indices: block (ViT, 0-based) or stage (ResNet, 0..3) numbers; negative counts from the end.
+        """
+        images = images.to(self.dtype)
+        if self.arch == "resnet":
+            stages = self._resnet_trunk(images)
+            return [stages[i] for i in indices]
+        x, grid = self._vit_embed(images)
+        blocks = self.visual.transformer.resblocks
+        wanted = {i % len(blocks) for i in indices}
+        outputs = {}
+        for i, block in enumerate(blocks[: max(wanted) + 1]):
+            x = self._vit_blocks(x, [block])
+            if i in wanted:
+                outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        return [outputs[i % len(blocks)] for i in indices]
+
+    # ------------------------------------------------------------------------------ ViT internals
+    def _vit_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after ln_pre, and the grid (h, w)."""
+        v = self.visual
+        x = v.conv1(images)
+        grid = tuple(x.shape[-2:])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + resize_grid_embedding(v.positional_embedding, grid).to(x.dtype)
+        return v.ln_pre(v.patch_dropout(x)), grid
+
+    def _vit_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+        """Run blocks on batch-first tokens (B, N, width)."""
+        batch_first = getattr(self.visual.transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks:
+            x = block(x)
+        return x if batch_first else x.transpose(0, 1)
+
+    def _vit_dense(self, images: torch.Tensor, mode: str) -> DenseFeatures:
+        v = self.visual
+        if v.attn_pool is not None:
+            raise NotImplementedError(f"{self.name}: dense features are not defined for attention-pooled ViTs")
+        x, grid = self._vit_embed(images)
+        blocks = v.transformer.resblocks
+        x = self._vit_blocks(x, blocks[:-1])
+        x, keys = self._vit_last_block(x, mode, grid)
+        tokens = v.ln_post(x[:, 1:]) @ v.proj  # (B, h*w, D)
+        batch = images.shape[0]
+        return DenseFeatures(
+            features=tokens.transpose(1, 2).reshape(batch, -1, *grid),
+            keys=keys[:, 1:].transpose(1, 2).reshape(batch, -1, *grid),
+        )
+
+    def _vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width)."""
+        block = self.visual.transformer.resblocks[-1]
+        attn = block.attn
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise NotImplementedError(f"{self.name}: dense modes need nn.MultiheadAttention blocks")
+        kind, residual, ffn = _VIT_LAST_BLOCK[mode]
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        if kind == "value":
+            out = v
+        else:
+            heads = attn.num_heads
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, hd)
+            if kind == "qk":
+                out = F.scaled_dot_product_attention(q, k, v)
+            elif kind == "csa":
+                out = F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+            elif kind == "qq":
+                out = F.scaled_dot_product_attention(q, q, v)
+            else:  # kk_gauss
+                bias = gaussian_neighbourhood(grid, self.naclip_std, x.device).to(x.dtype)
+                out = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
+            out = out.transpose(1, 2).flatten(2)
+            k = k.transpose(1, 2).flatten(2)
+        out = attn.out_proj(out)
+        if residual:
+            out = x + block.ls_1(out)
+        if ffn:
+            out = out + block.ls_2(block.mlp(block.ln_2(out)))
+        return out, k
+
+    # --------------------------------------------------------------------------- ResNet internals
+    def _resnet_trunk(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the four stage outputs, each (B, C_i, H/2^(i+2), W/2^(i+2))."""
+        v = self.visual
+        x = v.stem(images)
+        stages = []
+        for layer in (v.layer1, v.layer2, v.layer3, v.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
+
+    def _attention_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """CLIP's attention pool with every location as a query: (B, C, h, w) -> (B, 1 + h*w, D), token 0 global."""
+        pool = self.visual.attnpool
+        tokens = x.flatten(2).permute(2, 0, 1)  # (h*w, B, C)
+        tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
+        tokens = tokens + resize_grid_embedding(pool.positional_embedding, tuple(x.shape[-2:]))[:, None].to(x.dtype)
+        out, _ = F.multi_head_attention_forward(
+            query=tokens, key=tokens, value=tokens, embed_dim_to_check=tokens.shape[-1],
+            num_heads=pool.num_heads, q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
+            v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight, out_proj_bias=pool.c_proj.bias,
+            use_separate_proj_weight=True, training=False, need_weights=False,
+        )
+        return out.transpose(0, 1)
+
+    def _resnet_dense(self, images: torch.Tensor, mode: str) -> DenseFeatures:
+        x = self._resnet_trunk(images)[-1]
+        batch, _, h, w = x.shape
+        pool = self.visual.attnpool
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if mode == "maskclip":  # value path only: no positional embedding, no query-key attention
+            dense = pool.c_proj(pool.v_proj(tokens))
+        else:
+            dense = self._attention_pool(x)[:, 1:]
+        keys = pool.k_proj(tokens)
+        return DenseFeatures(
+            features=dense.transpose(1, 2).reshape(batch, -1, h, w),
+            keys=keys.transpose(1, 2).reshape(batch, -1, h, w),
+        )
