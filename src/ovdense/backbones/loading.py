@@ -94,4 +94,4 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
                 f"weights {name}/{weights} are not in the local cache and could not be downloaded "
                 f"({type(error).__name__}).\n{_HOW_TO_GET_WEIGHTS}") from error
     tokenizer = open_clip.get_tokenizer(name)
-    return CLIPBackbone(model.eval(), tokenizer, name=name, weights=str(weights)).eval()
+    return CLIPBackbone(model.eval(), tokenizer, name=name, weights=f"random:{seed}" if weights == RANDOM_WEIGHTS else str(weights)).eval()
