@@ -1,0 +1,206 @@
+"""Command line: ovdense demo | segment | eval | models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import DENSE_MODES, RANDOM_WEIGHTS, WeightsNotFoundError, load_clip
+from .data import DATASETS, ImageError, SegmentationDataset, load_image
+from .io import atomic_path, write_text_atomic
+from .methods import METHODS
+from .predictor import SegmentationPredictor
+from .presets import PRESETS, get_protocol
+from .text import TEMPLATE_SETS, Vocabulary
+from .visualize import label_image, overlay
+
+RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are available offline, so these masks "
+               "show the pipeline working, not CLIP's knowledge. For real results pass --weights openai "
+               "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_weights: str | None = "openai") -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="ViT-B-16", help="open_clip architecture (see `ovdense models`)")
+    group.add_argument("--weights", default=default_weights,
+                       help="open_clip pretrained tag, a checkpoint file, or 'random' (default: %(default)s)")
+    group.add_argument("--method", default="maskclip", choices=sorted(METHODS))
+    group.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: the preset's, else maskclip)")
+    group.add_argument("--device", default="cpu")
+    group.add_argument("--batch-size", type=int, default=8, help="crops embedded per forward pass")
+    proto = parser.add_argument_group("protocol (each overrides the preset)")
+    proto.add_argument("--preset", default="default", choices=sorted(PRESETS),
+                       help="published inference settings (default: %(default)s)")
+    proto.add_argument("--short-side", type=int)
+    proto.add_argument("--crop", type=int, help="sliding-window size; 0 for whole-image inference")
+    proto.add_argument("--stride", type=int)
+    proto.add_argument("--templates", choices=sorted(TEMPLATE_SETS))
+    proto.add_argument("--logit-scale", type=float)
+    proto.add_argument("--pamr", type=int, dest="pamr_iterations", help="PAMR iterations (0: off)")
+    proto.add_argument("--background-threshold", type=float)
+    proto.add_argument("--area-threshold", type=float)
+    proto.add_argument("--prompt-denoising", type=float)
+    proto.add_argument("--key-smoothing", type=float)
+
+
+def _build_predictor(args, dataset: str | None = None) -> SegmentationPredictor:
+    protocol = get_protocol(args.preset).for_dataset(dataset)
+    protocol = protocol.updated(
+        short_side=args.short_side, stride=args.stride, templates=args.templates, logit_scale=args.logit_scale,
+        pamr_iterations=args.pamr_iterations, background_threshold=args.background_threshold,
+        area_threshold=args.area_threshold, prompt_denoising=args.prompt_denoising,
+        key_smoothing=args.key_smoothing)
+    if args.crop is not None:  # 0 means whole-image inference
+        protocol = replace(protocol, crop=args.crop or None, stride=(args.stride or protocol.stride) if args.crop else None)
+    backbone = load_clip(args.model, args.weights, device=args.device)
+    method = METHODS[args.method](backbone, mode=args.mode or protocol.mode or "maskclip")
+    return SegmentationPredictor(method, protocol, batch_size=args.batch_size)
+
+
+def _describe(predictor: SegmentationPredictor) -> dict:
+    backbone = predictor.backbone
+    return {"model": backbone.name, "weights": backbone.weights, "method": predictor.method.name,
+            "mode": getattr(predictor.method, "mode", None),
+            "protocol": {k: v for k, v in asdict(predictor.protocol).items() if k != "dataset_overrides"}}
+
+
+def _segment_one(predictor, image_path: Path, vocabulary: Vocabulary, out_dir: Path, note: str | None) -> dict:
+    rgb = load_image(image_path)
+    result = predictor(rgb, vocabulary)
+    summary = {"image": str(image_path), "width": rgb.shape[1], "height": rgb.shape[0], **_describe(predictor),
+               "classes": result.class_names, "segments": result.segments()}
+    stem = image_path.stem
+    with atomic_path(out_dir / f"{stem}_overlay.png") as over, atomic_path(out_dir / f"{stem}_labels.png") as lab, \
+            atomic_path(out_dir / f"{stem}.json") as js:
+        overlay(rgb, result.labels, result.class_names, note=note).save(over, format="PNG")
+        label_image(result.labels, len(result.class_names)).save(lab, format="PNG")
+        js.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _vocabulary(args) -> Vocabulary:
+    if bool(args.classes) == bool(args.classes_file):
+        raise SystemExit("error: give the classes with exactly one of --classes 'cat, dog; puppy' or --classes-file FILE")
+    return Vocabulary.parse(args.classes) if args.classes else Vocabulary.from_file(args.classes_file)
+
+
+def cmd_segment(args) -> int:
+    vocabulary = _vocabulary(args)
+    predictor = _build_predictor(args)
+    note = RANDOM_NOTE.split(".")[0] if args.weights == RANDOM_WEIGHTS else None
+    failures = 0
+    for path in map(Path, args.images):
+        try:
+            summary = _segment_one(predictor, path, vocabulary, Path(args.output), note)
+        except ImageError as error:
+            failures += 1
+            print(f"skipped {path}: {error}", file=sys.stderr)
+            continue
+        found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
+        print(f"{path}: {found} -> {Path(args.output) / path.stem}_overlay.png")
+    return 1 if failures else 0
+
+
+def _demo_scene(size: tuple[int, int] = (320, 480)) -> np.ndarray:
+    """A simple drawn scene: sky, grass, a road, a red ball and a yellow sun (H, W, 3 uint8)."""
+    from PIL import Image, ImageDraw
+    height, width = size
+    image = Image.new("RGB", (width, height), (120, 170, 235))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, height // 2, width, height], fill=(60, 150, 60))
+    draw.polygon([(width * 0.45, height // 2), (width * 0.55, height // 2), (width * 0.8, height), (width * 0.2, height)],
+                 fill=(90, 90, 95))
+    draw.ellipse([width * 0.75, height * 0.06, width * 0.9, height * 0.28], fill=(250, 220, 40))
+    draw.ellipse([width * 0.1, height * 0.6, width * 0.28, height * 0.85], fill=(210, 30, 30))
+    return np.asarray(image)
+
+
+def cmd_demo(args) -> int:
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scene = out_dir / "demo_scene.png"
+    with atomic_path(scene) as tmp:
+        from PIL import Image
+        Image.fromarray(_demo_scene()).save(tmp, format="PNG")
+    predictor = _build_predictor(args)
+    random = predictor.backbone.weights.startswith(RANDOM_WEIGHTS)
+    print(f"ovdense demo: {predictor.backbone.name} ({predictor.backbone.weights}), method {predictor.method.name}, "
+          f"mode {predictor.method.mode}, preset {predictor.protocol.name}")
+    if random:
+        print(RANDOM_NOTE)
+    summary = _segment_one(predictor, scene, Vocabulary.parse(args.classes), out_dir,
+                           RANDOM_NOTE.split(".")[0] if random else None)
+    for segment in summary["segments"]:
+        print(f"  {segment['label']:<12} area {100 * segment['area']:5.1f}%  mean score {segment['score']:.3f}")
+    print(f"wrote {out_dir}/demo_scene_overlay.png, demo_scene_labels.png, demo_scene.json")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate_segmentation, format_table
+    dataset = SegmentationDataset(args.dataset, args.root, args.split)
+    predictor = _build_predictor(args, dataset=args.dataset)
+    metrics = evaluate_segmentation(predictor, dataset, limit=args.limit)
+    print(format_table(metrics, dataset.vocabulary.names))
+    if args.output:
+        report = {"dataset": args.dataset, "split": args.split, "images": min(len(dataset), args.limit or len(dataset)),
+                  **_describe(predictor), "metrics": metrics, "classes": dataset.vocabulary.names}
+        write_text_atomic(args.output, json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    import open_clip
+    for name, tag in open_clip.list_pretrained():
+        print(f"{name:<32} {tag}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovdense", description="Open-vocabulary dense prediction with CLIP.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="segment a drawn scene end to end; runs offline")
+    _add_model_args(demo, default_weights=RANDOM_WEIGHTS)
+    demo.add_argument("--classes", default="sky, grass, road, red ball, sun")
+    demo.add_argument("--output", default="outputs/demo")
+    demo.set_defaults(func=cmd_demo)
+
+    seg = sub.add_parser("segment", help="segment images with free-text classes")
+    seg.add_argument("images", nargs="+")
+    seg.add_argument("--classes", help="'cat, dog; puppy, grass': ',' separates classes, ';' synonyms")
+    seg.add_argument("--classes-file", help="one class per line, synonyms separated by ';'")
+    seg.add_argument("--output", default="outputs/segment")
+    _add_model_args(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    ev = sub.add_parser("eval", help="mIoU of a method on a standard dataset")
+    ev.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    ev.add_argument("--root", required=True, help="dataset folder (see ovdense.data.datasets for layouts)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N images")
+    ev.add_argument("--output", help="write the metrics as JSON here")
+    _add_model_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    models = sub.add_parser("models", help="list open_clip architectures and pretrained tags")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (WeightsNotFoundError, ImageError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Evaluate a segmentation predictor over a dataset, on one process or under torchrun."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..data import SegmentationDataset
+from .metrics import SegmentationMetric
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def evaluate_segmentation(predictor, dataset: SegmentationDataset, limit: int | None = None,
+                          progress: bool = True) -> dict:
+    """mIoU / mAcc / aAcc (and per-class lists) of `predictor` on `dataset` with its own vocabulary.
+
+    Under torchrun each rank takes every WORLD_SIZE-th image and the confusion matrices are summed.
+    """
+    vocabulary = dataset.vocabulary
+    if vocabulary.background is None and predictor.protocol.background_threshold is not None:
+        raise ValueError(f"{dataset.name} has no background class, so a background threshold cannot be used")
+    rank, world = _distributed()
+    indices = range(len(dataset))[:limit][rank::world]
+    metric = SegmentationMetric(len(vocabulary))
+    for index in tqdm(indices, desc=f"eval {dataset.name}", disable=not progress or rank != 0, unit="img"):
+        image, target = dataset[index]
+        result = predictor(image, vocabulary)
+        metric.update(result.labels, target)
+    if world > 1:
+        confusion = metric.confusion.to(predictor.device)
+        dist.all_reduce(confusion)
+        metric.confusion = confusion.cpu()
+    return metric.compute()
