@@ -45,10 +45,14 @@ def _from_file(name: str, path: Path, device: str, precision: str) -> torch.nn.M
     if _is_torchscript(path):
         # TorchScript archives hold no Python pickle code; read the weights and build an eager model.
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size"):
-            state.pop(key, None)
         model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True, precision=precision)
-        model.load_state_dict(state)
+        # Scalars and causal masks stored beside the weights are not parameters of the eager model.
+        extra = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+        state = {k: v for k, v in state.items() if k.split(".")[-1] not in extra}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not hold weights for the {name} architecture: {error}") from error
         return model.to(device)
     try:
         return open_clip.create_model(name, pretrained=str(path), precision=precision, device=device,
@@ -94,4 +98,5 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
                 f"weights {name}/{weights} are not in the local cache and could not be downloaded "
                 f"({type(error).__name__}).\n{_HOW_TO_GET_WEIGHTS}") from error
     tokenizer = open_clip.get_tokenizer(name)
-    return CLIPBackbone(model.eval(), tokenizer, name=name, weights=f"random:{seed}" if weights == RANDOM_WEIGHTS else str(weights)).eval()
+    identity = f"{RANDOM_WEIGHTS}:{seed}" if weights == RANDOM_WEIGHTS else str(weights)
+    return CLIPBackbone(model.eval(), tokenizer, name=name, weights=identity).eval()

@@ -1,0 +1,158 @@
+"""Sliding windows, PAMR, key smoothing and the SegmentationPredictor end to end."""
+import numpy as np
+import pytest
+import torch
+
+from ovdense.methods import MaskCLIP, key_smoothing
+from ovdense.ops import PAMR, merge_windows, short_side_size, sliding_windows
+from ovdense.predictor import SegmentationPredictor
+from ovdense.presets import PRESETS, Protocol
+from ovdense.text import TextEmbeddingCache
+
+
+def test_sliding_windows_cover_the_image_and_touch_the_borders():
+    windows = sliding_windows(300, 500, crop=224, stride=112)
+    covered = np.zeros((300, 500), dtype=int)
+    for y0, y1, x0, x1 in windows:
+        assert (y1 - y0, x1 - x0) == (224, 224)
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    assert {w[1] for w in windows} >= {300} and {w[3] for w in windows} >= {500}
+    assert len(windows) == 2 * 4  # ceil((300-224)/112)+1 rows, ceil((500-224)/112)+1 columns
+    assert sliding_windows(100, 120, crop=224, stride=112) == [(0, 100, 0, 120)]  # small image: one window
+    assert sliding_windows(100, 120, crop=None, stride=None) == [(0, 100, 0, 120)]
+
+
+def test_merge_windows_averages_overlaps():
+    windows = [(0, 4, 0, 4), (0, 4, 2, 6)]
+    logits = torch.stack([torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), 3.0)])
+    merged = merge_windows(logits, windows, (4, 6))
+    assert torch.equal(merged[0, 0], torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0, 3.0]))
+
+
+def test_short_side_size():
+    assert short_side_size(375, 500, 336) == (336, 448)
+    assert short_side_size(100, 5000, 336) == (41, 2048)  # long side capped
+    assert short_side_size(375, 500, None) == (375, 500)
+
+
+def test_pamr_keeps_constant_masks_and_snaps_to_image_edges():
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 16:] = 1.0  # a vertical edge at column 16
+    constant = torch.full((1, 2, 32, 32), 0.5)
+    torch.testing.assert_close(PAMR(5)(image, constant), constant)
+    # a mask ramping across the edge: PAMR flattens it inside each region but does not mix the regions,
+    # while the same refinement on a featureless image blurs the two halves together
+    ramp = torch.linspace(0, 1, 32).expand(32, 32)
+    mask = torch.stack([1 - ramp, ramp])[None]
+
+    def contrast(m):
+        return (m[0, 1, :, 16:].mean() - m[0, 1, :, :16].mean()).item()
+
+    refined = PAMR(10, (1, 2, 4))(image, mask)
+    blurred = PAMR(10, (1, 2, 4))(torch.zeros_like(image), mask)
+    assert refined[0, 1, :, 16:].std() < 0.5 * mask[0, 1, :, 16:].std()
+    assert contrast(refined) >= contrast(mask) - 1e-3
+    assert contrast(blurred) < contrast(mask) - 0.05
+
+
+def test_key_smoothing_replaces_only_unsure_positions():
+    cosine = torch.tensor([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5]]).view(1, 2, 1, 3)  # third position undecided
+    keys = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.1]]).view(1, 2, 1, 3)  # and its key is like the first
+    smoothed = key_smoothing(cosine, keys, threshold=0.9)
+    torch.testing.assert_close(smoothed[..., :2], cosine[..., :2])
+    assert smoothed[0, 0, 0, 2] > smoothed[0, 1, 0, 2]  # it now leans to the class of the first position
+
+
+@pytest.fixture
+def predictor(tiny_vit):
+    protocol = Protocol("test", short_side=64, crop=32, stride=16, templates="single")
+    return SegmentationPredictor(MaskCLIP(tiny_vit, "sclip"), protocol, cache=TextEmbeddingCache())
+
+
+def test_sliding_window_equals_whole_image_when_the_window_covers_it(tiny_vit, scene):
+    results = []
+    for crop in (None, 512):
+        protocol = Protocol("t", short_side=96, crop=crop, stride=256, templates="single")
+        results.append(SegmentationPredictor(MaskCLIP(tiny_vit), protocol)(scene, "red, blue"))
+    torch.testing.assert_close(results[0].scores, results[1].scores)
+    assert np.array_equal(results[0].labels, results[1].labels)
+
+
+def test_prediction_at_original_resolution(predictor, scene):
+    result = predictor(scene, "red thing, blue thing; navy thing")
+    assert result.labels.shape == scene.shape[:2] and result.scores.shape == (2, 96, 128)
+    assert result.class_names == ["red thing", "blue thing"]
+    assert result.labels.dtype == np.int64 and set(np.unique(result.labels)) <= {0, 1}
+    segments = result.segments()
+    assert abs(sum(s["area"] for s in segments) - 1.0) < 1e-6
+    for s in segments:
+        x0, y0, x1, y1 = s["box"]
+        assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 96
+
+
+def test_set_image_once_query_many(predictor, scene, monkeypatch):
+    predictor.set_image(scene)
+    calls = []
+    monkeypatch.setattr(predictor.method, "embed_crops", lambda crops: calls.append(1))
+    a = predictor.predict("red, blue")
+    b = predictor.predict("blue, red, green")
+    assert not calls  # the image was not encoded again
+    assert b.scores.shape[0] == 3
+
+
+def test_synonyms_take_the_best_query(tiny_vit, scene):
+    """A class's probability is the max over its synonyms of the softmax over all queries."""
+    protocol = Protocol("native", short_side=None, crop=64, stride=32, templates="single")
+    predictor = SegmentationPredictor(MaskCLIP(tiny_vit), protocol)
+    predictor.set_image(scene)
+    both = predictor.predict("red; crimson, blue")
+    apart = predictor.predict("red, crimson, blue")
+    torch.testing.assert_close(both.scores[0], torch.maximum(apart.scores[0], apart.scores[1]))
+    torch.testing.assert_close(both.scores[1], apart.scores[2])
+
+
+def test_background_threshold(predictor, scene):
+    predictor.set_image(scene)
+    everything = predictor.predict("red, blue", background_threshold=1.01)
+    assert everything.class_names[0] == "background" and (everything.labels == 0).all()
+    nothing = predictor.predict("red, blue", background_threshold=0.0)
+    assert (nothing.labels != 0).all()
+
+
+def test_area_threshold_drops_small_classes(predictor, scene):
+    predictor.set_image(scene)
+    plain = predictor.predict("background: wall, red, blue, green")
+    areas = np.bincount(plain.labels.flatten(), minlength=4)[1:] / max(1, (plain.labels != 0).sum())
+    filtered = predictor.predict("background: wall, red, blue, green", area_threshold=float(areas.max()) - 1e-6)
+    kept = set(np.unique(filtered.labels)) - {0}
+    assert kept <= {1 + int(areas.argmax())}
+
+
+def test_prompt_denoising_keeps_the_strongest_class(predictor, scene):
+    predictor.set_image(scene)
+    result = predictor.predict("red, blue, green", prompt_denoising=1.01)
+    assert len(np.unique(result.labels)) == 1
+    assert torch.allclose(result.scores.sum(0), torch.ones(96, 128))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs(tiny_vit, scene, preset):
+    protocol = PRESETS[preset].for_dataset("voc21").updated(templates="single", short_side=64)
+    predictor = SegmentationPredictor(MaskCLIP(tiny_vit, protocol.mode or "maskclip"), protocol)
+    result = predictor(scene, "background: wall, red, blue")
+    assert result.labels.shape == (96, 128)
+
+
+def test_presets_carry_the_papers_dataset_settings():
+    assert PRESETS["sclip"].for_dataset("voc21").area_threshold == 0.1
+    assert PRESETS["sclip"].for_dataset("cityscapes").short_side == 560
+    assert PRESETS["clearclip"].for_dataset("context60").background_threshold == 0.15
+    assert PRESETS["tcl"].for_dataset("voc21").background_threshold == 0.4
+    assert PRESETS["naclip"].for_dataset("voc21").crop is None
+    assert PRESETS["sclip"].for_dataset("ade150") == PRESETS["sclip"]
+
+
+def test_predict_before_set_image(predictor):
+    with pytest.raises(RuntimeError, match="set_image"):
+        predictor.predict("cat")
