@@ -51,14 +51,7 @@ def test_segment_errors_are_clear(images, tmp_path, capsys):
 
 def test_eval_on_a_folder_dataset(tmp_path, scene, capsys):
     root = tmp_path / "data"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    labels = np.zeros(scene.shape[:2], np.uint8)
-    labels[:, 64:] = 1
-    for name in ("a", "b"):
-        Image.fromarray(scene).save(root / "images" / f"{name}.png")
-        Image.fromarray(labels).save(root / "labels" / f"{name}.png")
-    (root / "classes.txt").write_text("red\nblue\n")
+    _folder_dataset(root, scene, 2)
     report = tmp_path / "metrics.json"
     assert main(["eval", "--dataset", "folder", "--root", str(root), "--output", str(report), *TINY]) == 0
     metrics = json.loads(report.read_text())
@@ -74,3 +67,30 @@ def test_demo_runs_offline(tmp_path, capsys):
     summary = json.loads((tmp_path / "demo_scene.json").read_text())
     assert summary["classes"] == ["sky", "grass", "road", "red ball", "sun"]
     assert (tmp_path / "demo_scene_overlay.png").is_file()
+
+
+def _folder_dataset(root, scene, count):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    labels = np.zeros(scene.shape[:2], np.uint8)
+    labels[:, 64:] = 1
+    for index in range(count):
+        Image.fromarray(np.roll(scene, 8 * index, axis=1)).save(root / "images" / f"{index}.png")
+        Image.fromarray(np.roll(labels, 8 * index, axis=1)).save(root / "labels" / f"{index}.png")
+    (root / "classes.txt").write_text("red\nblue\n")
+
+
+def test_eval_under_torchrun_matches_one_process(tmp_path, scene, tiny_model_configs):
+    import subprocess
+    import sys
+    _folder_dataset(tmp_path / "data", scene, 3)
+    args = ["eval", "--dataset", "folder", "--root", str(tmp_path / "data"), *TINY]
+    assert main([*args, "--output", str(tmp_path / "one.json")]) == 0
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys, open_clip\nopen_clip.add_model_config({str(tiny_model_configs)!r})\n"
+                      "from ovdense.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           *args, "--output", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
+    assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["IoU"] == pytest.approx(one["IoU"])

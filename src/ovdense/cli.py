@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from .backbones import DENSE_MODES, RANDOM_WEIGHTS, WeightsNotFoundError, load_clip
 from .data import DATASETS, ImageError, SegmentationDataset, load_image
@@ -145,6 +146,11 @@ def cmd_eval(args) -> int:
     dataset = SegmentationDataset(args.dataset, args.root, args.split)
     predictor = _build_predictor(args, dataset=args.dataset)
     metrics = evaluate_segmentation(predictor, dataset, limit=args.limit)
+    if dist.is_initialized():  # under torchrun every rank holds the summed metrics; rank 0 reports them
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     print(format_table(metrics, dataset.vocabulary.names))
     if args.output:
         report = {"dataset": args.dataset, "split": args.split, "images": min(len(dataset), args.limit or len(dataset)),
