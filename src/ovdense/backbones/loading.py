@@ -12,6 +12,13 @@ import torch
 from .clip import CLIPBackbone
 
 RANDOM_WEIGHTS = "random"
+_PACKAGE = Path(__file__).resolve().parent.parent
+open_clip.add_model_config(_PACKAGE / "model_configs")  # the ovdense-tiny-* architectures
+# Weights shipped inside the package: (architecture, tag) -> file, and the command that makes it.
+PACKAGED_WEIGHTS = {
+    ("ovdense-tiny-vit", "synthetic"): (_PACKAGE / "weights" / "ovdense-tiny-vit-synthetic.safetensors",
+                                        "ovdense train clip --config configs/tiny_clip_vit_synthetic.yaml"),
+}
 _HOW_TO_GET_WEIGHTS = (
     "To use real CLIP weights either (a) run once on a machine with internet access so that open_clip "
     "caches them (e.g. `python -c \"import open_clip; open_clip.create_model('ViT-B-16', pretrained='openai')\"`) "
@@ -77,6 +84,11 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
             model = open_clip.create_model(name, **kwargs)
         except Exception as error:  # hub errors come in many types
             raise WeightsNotFoundError(f"could not load {name}: {error}\n{_HOW_TO_GET_WEIGHTS}") from error
+    elif (name, weights) in PACKAGED_WEIGHTS:
+        path, command = PACKAGED_WEIGHTS[(name, weights)]
+        if not path.is_file():
+            raise WeightsNotFoundError(f"the packaged weights {path.name} are missing; make them with `{command}`")
+        model = _from_file(name, path, device, precision)
     elif weights == RANDOM_WEIGHTS:
         with torch.random.fork_rng():
             torch.manual_seed(seed)

@@ -1,0 +1,205 @@
+"""One training loop for every trainable method: AMP, accumulation, warm-up + cosine schedule,
+atomic checkpoints with exact resume, progress bar, CSV metrics log, and torchrun DDP.
+
+Batches are a pure function of (seed, step): after a kill, resuming from the last checkpoint
+replays exactly the steps that a run without the kill would have taken.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..io import atomic_path
+
+
+@dataclass
+class TrainConfig:
+    """steps: optimizer steps; batch_size: global samples per step (split over ranks and accumulation)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    accumulate: int = 1
+    amp: bool = False
+    grad_clip: float | None = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    seed: int = 0
+    num_workers: int = 0
+
+
+def batch_indices(step: int, micro: int, config: TrainConfig, size: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Dataset indices of micro-batch `micro` of optimizer step `step` on `rank`: epochs are seeded permutations."""
+    per_step = config.batch_size
+    per_micro = per_step // config.accumulate
+    start = step * per_step + micro * per_micro
+    out = []
+    for position in range(start + rank, start + per_micro, world):
+        epoch, offset = divmod(position, size)
+        out.append(_epoch_order(config.seed, epoch, size)[offset])
+    return out
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to `lr`, then cosine decay to 0 at `steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+class Trainer:
+    """Trains `model` by minimising `loss_fn(model, batch)['loss']` over `dataset`.
+
+    loss_fn returns a dict of scalar tensors; all are logged, 'loss' is optimised.
+    collate: turns a list of dataset items into a batch. evaluate(model) -> dict of numbers, logged.
+    Files in out_dir: last.pt (checkpoint, written atomically), metrics.csv, config.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, dataset, config: TrainConfig, out_dir: str | Path,
+                 collate: Callable | None = None, evaluate: Callable | None = None, device: str = "cpu",
+                 progress: bool = True):
+        if config.batch_size % config.accumulate:
+            raise ValueError("batch_size must be a multiple of accumulate")
+        self.model, self.loss_fn, self.dataset, self.config = model.to(device), loss_fn, dataset, config
+        self.out_dir, self.collate, self.evaluate, self.device = Path(out_dir), collate, evaluate, device
+        self.rank, self.world = _distributed()
+        self.progress = progress and self.rank == 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        cuda = str(device).startswith("cuda")
+        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+        self.wrapped = model
+        if self.world > 1:
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+        self.step = 0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    def save(self) -> None:
+        """Write model, optimizer, scaler and step to last.pt atomically (rank 0 only)."""
+        if self.rank != 0:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "step": self.step, "config": asdict(self.config)}
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> bool:
+        """Resume from last.pt if it exists; returns whether it did."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        return True
+
+    def _log(self, row: dict) -> None:
+        if self.rank != 0:
+            return
+        path = self.out_dir / "metrics.csv"
+        rows = []
+        if path.is_file():  # keep the rows of steps before this one (a resumed run rewrites the rest)
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) < row["step"]]
+        rows.append(row)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _batch(self, micro: int):
+        indices = batch_indices(self.step, micro, self.config, len(self.dataset), self.rank, self.world)
+        items = [self.dataset[i] for i in indices]
+        batch = self.collate(items) if self.collate else torch.utils.data.default_collate(items)
+        return _to_device(batch, self.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `accumulate` micro-batches; returns the averaged logged values."""
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.config)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(self.config.accumulate):
+            batch = self._batch(micro)
+            with torch.autocast(device_type="cuda" if "cuda" in str(self.device) else "cpu", dtype=self.amp_dtype,
+                                enabled=self.config.amp):
+                values = self.loss_fn(self.wrapped, batch)
+            self.scaler.scale(values["loss"] / self.config.accumulate).backward()
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + float(value.detach()) / self.config.accumulate
+        if self.config.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return totals
+
+    def fit(self, resume: bool = True, max_steps: int | None = None) -> None:
+        """Train until config.steps (or `max_steps` more steps), checkpointing every checkpoint_every steps."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.load() and self.progress:
+            print(f"resumed from {self.checkpoint_path} at step {self.step}")
+        end = self.config.steps if max_steps is None else min(self.config.steps, self.step + max_steps)
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="train", disable=not self.progress, unit="step")
+        while self.step < end:
+            values = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            row = None
+            if self.step % self.config.log_every == 0 or self.step == end:
+                row = {"step": self.step, "lr": lr_at(self.step - 1, self.config), **values}
+            if self.evaluate and self.config.eval_every and self.step % self.config.eval_every == 0:
+                self.model.eval()
+                row = {**(row or {"step": self.step}), **self.evaluate(self.model)}
+            if row:
+                self._log(row)
+            if self.step % self.config.checkpoint_every == 0 or self.step == end:
+                self.save()
+        bar.close()
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
