@@ -19,14 +19,18 @@ from .presets import PRESETS, get_protocol
 from .text import TEMPLATE_SETS, Vocabulary
 from .visualize import label_image, overlay
 
+SYNTHETIC_NOTE = ("weights: the tiny CLIP that ships with ovdense, trained from scratch on the synthetic world's "
+                  "captions (configs/tiny_clip_vit_synthetic.yaml); it knows only that world's words. For real images "
+                  "use real CLIP weights: ovdense demo --model ViT-B-16 --weights openai --preset default.")
 RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are available offline, so these masks "
                "show the pipeline working, not CLIP's knowledge. For real results pass --weights openai "
                "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_weights: str | None = "openai") -> None:
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai",
+                    default_preset: str = "default") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="ViT-B-16", help="open_clip architecture (see `ovdense models`)")
+    group.add_argument("--model", default=default_model, help="open_clip architecture (see `ovdense models`)")
     group.add_argument("--weights", default=default_weights,
                        help="open_clip pretrained tag, a checkpoint file, or 'random' (default: %(default)s)")
     group.add_argument("--method", default="maskclip", choices=sorted(METHODS))
@@ -34,7 +38,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_weights: str | None
     group.add_argument("--device", default="cpu")
     group.add_argument("--batch-size", type=int, default=8, help="crops embedded per forward pass")
     proto = parser.add_argument_group("protocol (each overrides the preset)")
-    proto.add_argument("--preset", default="default", choices=sorted(PRESETS),
+    proto.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
                        help="published inference settings (default: %(default)s)")
     proto.add_argument("--short-side", type=int)
     proto.add_argument("--crop", type=int, help="sliding-window size; 0 for whole-image inference")
@@ -106,38 +110,37 @@ def cmd_segment(args) -> int:
     return 1 if failures else 0
 
 
-def _demo_scene(size: tuple[int, int] = (320, 480)) -> np.ndarray:
-    """A simple drawn scene: sky, grass, a road, a red ball and a yellow sun (H, W, 3 uint8)."""
-    from PIL import Image, ImageDraw
-    height, width = size
-    image = Image.new("RGB", (width, height), (120, 170, 235))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([0, height // 2, width, height], fill=(60, 150, 60))
-    draw.polygon([(width * 0.45, height // 2), (width * 0.55, height // 2), (width * 0.8, height), (width * 0.2, height)],
-                 fill=(90, 90, 95))
-    draw.ellipse([width * 0.75, height * 0.06, width * 0.9, height * 0.28], fill=(250, 220, 40))
-    draw.ellipse([width * 0.1, height * 0.6, width * 0.28, height * 0.85], fill=(210, 30, 30))
-    return np.asarray(image)
-
-
 def cmd_demo(args) -> int:
+    from PIL import Image
+
+    from .data.export import scene_index
+    from .data.synthetic import SyntheticWorld
+    from .eval import SegmentationMetric
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scene = out_dir / "demo_scene.png"
-    with atomic_path(scene) as tmp:
-        from PIL import Image
-        Image.fromarray(_demo_scene()).save(tmp, format="PNG")
+    world = SyntheticWorld(size=args.size, seed=0, max_objects=3)
+    scene = world.scene(scene_index("val", args.scene))
+    scene_path = out_dir / "demo_scene.png"
+    with atomic_path(scene_path) as tmp:
+        Image.fromarray(scene.image).save(tmp, format="PNG")
     predictor = _build_predictor(args)
-    random = predictor.backbone.weights.startswith(RANDOM_WEIGHTS)
-    print(f"ovdense demo: {predictor.backbone.name} ({predictor.backbone.weights}), method {predictor.method.name}, "
+    backbone = predictor.backbone
+    random = backbone.weights.startswith(RANDOM_WEIGHTS)
+    print(f"ovdense demo: model {backbone.name}, weights {backbone.weights}, method {predictor.method.name}, "
           f"mode {predictor.method.mode}, preset {predictor.protocol.name}")
-    if random:
-        print(RANDOM_NOTE)
-    summary = _segment_one(predictor, scene, Vocabulary.parse(args.classes), out_dir,
-                           RANDOM_NOTE.split(".")[0] if random else None)
+    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
+    vocabulary = Vocabulary.parse(args.classes) if args.classes else Vocabulary.coerce(world.classes)
+    summary = _segment_one(predictor, scene_path, vocabulary, out_dir, RANDOM_NOTE.split(".")[0] if random else None)
+    with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
+        overlay(scene.image, scene.semantic, world.classes).save(tmp, format="PNG")
+    print(f"scene {args.scene} of the synthetic val split; captions: " + " | ".join(c.text for c in scene.captions))
     for segment in summary["segments"]:
-        print(f"  {segment['label']:<12} area {100 * segment['area']:5.1f}%  mean score {segment['score']:.3f}")
-    print(f"wrote {out_dir}/demo_scene_overlay.png, demo_scene_labels.png, demo_scene.json")
+        print(f"  {segment['label']:<14} area {100 * segment['area']:5.1f}%  mean score {segment['score']:.3f}")
+    if vocabulary.names == world.classes:
+        metric = SegmentationMetric(len(world.classes))
+        metric.update(np.asarray(Image.open(out_dir / "demo_scene_labels.png")), scene.semantic)
+        print(f"against the exact ground truth: pixel accuracy {metric.compute()['aAcc']:.1f}%")
+    print(f"wrote {out_dir}/demo_scene_overlay.png (prediction), demo_scene_truth.png (ground truth), "
+          "demo_scene_labels.png, demo_scene.json")
     return 0
 
 
@@ -196,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovdense", description="Open-vocabulary dense prediction with CLIP.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="segment a drawn scene end to end; runs offline")
-    _add_model_args(demo, default_weights=RANDOM_WEIGHTS)
-    demo.add_argument("--classes", default="sky, grass, road, red ball, sun")
+    demo = sub.add_parser("demo", help="segment a synthetic-world scene end to end; runs offline")
+    _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic", default_preset="synthetic")
+    demo.add_argument("--classes", help="free-text classes (default: the synthetic world's 20 class names)")
+    demo.add_argument("--scene", type=int, default=0, help="index of the val scene to segment")
+    demo.add_argument("--size", type=int, default=128, help="scene size in pixels")
     demo.add_argument("--output", default="outputs/demo")
     demo.set_defaults(func=cmd_demo)
 
