@@ -6,7 +6,9 @@ mIoU over all 20 classes and separately over stuff, base things and novel things
 never supervised by boxes or masks; CLIP saw them only in captions).
 
     python benchmarks/bench_synthetic_quality.py [--model ovdense-tiny-vit --weights synthetic]
-        [--scenes 200] [--size 64] [--short-side N] [--templates single]
+        [--scenes 200] [--size 64] [--short-side 128 --crop 64 --stride 32] [--templates none]
+
+Defaults are the `synthetic` preset's: scenes drawn at 64 px are processed at 128 px in 64 px windows.
 """
 from __future__ import annotations
 
@@ -45,8 +47,10 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-side", type=int, default=None, help="processing size (default: native)")
-    parser.add_argument("--templates", default="single")
+    parser.add_argument("--short-side", type=int, default=128, help="processing size (0: native)")
+    parser.add_argument("--crop", type=int, default=64, help="window size (0: whole image)")
+    parser.add_argument("--stride", type=int, default=32)
+    parser.add_argument("--templates", default="none")
     parser.add_argument("--logit-scale", type=float, default=40.0)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -55,12 +59,14 @@ def main() -> None:
     rows = []
     for mode in tqdm(backbone.supported_modes(), desc="modes"):
         for pamr in (0, 10):
-            protocol = Protocol("synthetic", short_side=args.short_side, crop=None, stride=None,
+            protocol = Protocol("synthetic", short_side=args.short_side or None, crop=args.crop or None,
+                                stride=args.stride if args.crop else None,
                                 templates=args.templates, logit_scale=args.logit_scale, pamr_iterations=pamr,
                                 pamr_dilations=(1, 2, 4, 8))
             rows.append((mode, "on" if pamr else "off", evaluate(backbone, world, args.scenes, mode, protocol)))
     print(f"\nsynthetic val: {args.scenes} scenes of {args.size}px (seed {args.seed}), {args.model} / {args.weights}, "
-          f"templates {args.templates}, logit scale {args.logit_scale}, short side {args.short_side or 'native'}")
+          f"templates {args.templates}, logit scale {args.logit_scale}, short side {args.short_side or 'native'}, "
+          f"windows {args.crop or 'whole image'}/{args.stride}")
     print("| mode      | PAMR | mIoU all | stuff (8) | base things (9) | novel things (3) |")
     print("|-----------|------|----------|-----------|-----------------|------------------|")
     for mode, pamr, r in rows:

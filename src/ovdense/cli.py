@@ -182,7 +182,7 @@ def cmd_train(args) -> int:
                               max_steps=args.max_steps)
     print("zero-shot shape accuracy on val object crops: "
           f"base {scores['zs_base_acc']:.1f}%, novel {scores['zs_novel_acc']:.1f}% "
-          f"(chance {scores['chance_acc']:.1f}%, {scores['zs_crops']} crops)")
+          f"(chance {scores['chance_acc']:.1f}%, {scores['zs_crops']} crops); colour {scores['zs_colour_acc']:.1f}%")
     if config.export:
         print(f"wrote {config.export}")
     return 0

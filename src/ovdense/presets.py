@@ -56,9 +56,10 @@ _CITYSCAPES = {"short_side": 560}
 PRESETS: dict[str, Protocol] = {
     # A general-purpose default for users' own images.
     "default": Protocol("default", short_side=448, crop=224, stride=112),
-    # The synthetic world with the shipped tiny CLIP (64 px training scale): whole image at 64 px, one template.
-    "synthetic": Protocol("synthetic", short_side=64, crop=None, stride=None, templates="single",
-                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), mode="maskclip"),
+    # The synthetic world with the shipped tiny CLIP: scenes at 2x the 64 px training scale, 64 px windows
+    # (the model's native size), bare class names (its captions never say "a photo of a grass").
+    "synthetic": Protocol("synthetic", short_side=128, crop=64, stride=32, templates="none",
+                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), mode="naclip"),
     # SCLIP (wangf3014/SCLIP configs): 336 short side, 224/112 windows, 80 templates, scale 40.
     "sclip": Protocol(
         "sclip", short_side=336, crop=224, stride=112, logit_scale=40.0, mode="sclip",

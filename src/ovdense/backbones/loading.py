@@ -99,7 +99,7 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
             raise WeightsNotFoundError(f"checkpoint file {path} does not exist.\n{_HOW_TO_GET_WEIGHTS}")
         model = _from_file(name, path, device, precision)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = open_clip.list_pretrained_tags_by_model(name) + [t for n, t in PACKAGED_WEIGHTS if n == name]
         if weights not in tags:
             raise ValueError(f"{weights!r} is neither a file nor a pretrained tag of {name}; "
                              f"known tags: {', '.join(tags) or 'none'}")

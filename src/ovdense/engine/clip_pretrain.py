@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from ..backbones import CLIPBackbone
 from ..data.export import scene_index
-from ..data.synthetic import SyntheticWorld
+from ..data.synthetic import COLOURS, SyntheticWorld
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from .trainer import TrainConfig, Trainer
@@ -28,17 +28,28 @@ def to_tensor(image: np.ndarray, mean, std, size: int | None = None) -> torch.Te
     return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string) of train scene i // k, caption i % k (k per scene).
+def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:
+    """A square crop of `image` centred on `box` ([x0, y0, x1, y1)), `margin` of its longer side on each side."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = box
+    half = (0.5 + margin) * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return image[max(0, int(cy - half)):min(height, int(cy + half) + 1), max(0, int(cx - half)):min(width, int(cx + half) + 1)]
 
-    Scenes are generated on first use and kept in memory as uint8 arrays.
+
+class SyntheticCaptions(torch.utils.data.Dataset):
+    """Item i: (image (3, S, S) normalised, caption string) from train scene i // k (k items per scene).
+
+    Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views,
+    a crop around one object captioned "a photo of a red star" (chosen deterministically from i).
+    Scenes are generated on first use and kept in memory.
     """
 
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
-                 mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD):
+                 close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD):
         self.world, self.scenes, self.k, self.split = world, scenes, captions_per_scene, split
-        self.mean, self.std = mean, std
-        self._cache: dict[int, tuple[np.ndarray, list[str]]] = {}
+        self.close_ups, self.mean, self.std = close_ups, mean, std
+        self._cache: dict[int, tuple[np.ndarray, list[str], list]] = {}
 
     def __len__(self) -> int:
         return self.scenes * self.k
@@ -47,8 +58,15 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
-            self._cache[scene_id] = (scene.image, [c.text for c in scene.captions])
-        image, captions = self._cache[scene_id]
+            objects = [(o.box, o.name) for o in scene.objects]
+            self._cache[scene_id] = (scene.image, [c.text for c in scene.captions], objects)
+        image, captions, objects = self._cache[scene_id]
+        rng = np.random.default_rng([index, 17])
+        if rng.random() < self.close_ups:
+            box, name = objects[int(rng.integers(len(objects)))]
+            crop = object_crop(image, box, margin=rng.uniform(0.1, 0.4))
+            article = "an" if name[0] in "aeiou" else "a"
+            return to_tensor(crop, self.mean, self.std, image.shape[0]), f"a photo of {article} {name}."
         return to_tensor(image, self.mean, self.std), captions[caption_id % len(captions)]
 
 
@@ -66,34 +84,33 @@ def clip_loss(model, batch) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int = 200, split: str = "val",
                     template: str = "a photo of a {}.") -> dict[str, float]:
-    """Shape classification accuracy (%) of object crops among all thing names, for base and novel things.
+    """Zero-shot accuracy (%) on the val objects, each cropped around its box (25% margin).
 
-    Each visible object is cropped as a square around its box (25% margin) and resized to the model's input.
+    Every crop is scored against "a photo of a {colour} {shape}." for all colours and shapes; the shape
+    prediction takes the best colour for each shape (colour words act as synonyms), and vice versa.
+    Shape accuracy is reported for base and novel things, against a chance of 1 / number of shapes.
     """
     size = backbone.visual.image_size[0]
-    text = TextEmbeddingCache().embed(backbone, list(world.things), (template,)).to(backbone.device)
-    crops, truth = [], []
+    colours = list(COLOURS)
+    names = [f"{c} {t}" for c in colours for t in world.things]
+    text = TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
+    crops, shapes, paint = [], [], []
     for i in range(scenes):
         scene = world.scene(scene_index(split, i))
-        height, width = scene.semantic.shape
         for obj in scene.objects:
-            x0, y0, x1, y1 = obj.box
-            half = 0.625 * max(x1 - x0, y1 - y0)
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            box = [max(0, int(cx - half)), max(0, int(cy - half)), min(width, int(cx + half) + 1),
-                   min(height, int(cy + half) + 1)]
-            crop = scene.image[box[1]:box[3], box[0]:box[2]]
-            crops.append(to_tensor(crop, backbone.image_mean, backbone.image_std, size))
-            truth.append(world.things.index(obj.category))
+            crops.append(to_tensor(object_crop(scene.image, obj.box), backbone.image_mean, backbone.image_std, size))
+            shapes.append(world.things.index(obj.category))
+            paint.append(colours.index(obj.colour))
     images = torch.stack(crops).to(backbone.device)
     features = torch.cat([F.normalize(backbone.encode_image(images[i:i + 256]), dim=-1)
                           for i in range(0, len(images), 256)])
-    predicted = (features @ text.T).argmax(dim=1).cpu()
-    truth = torch.tensor(truth)
-    novel = torch.tensor([world.things[t] in world.novel for t in truth.tolist()])
-    correct = (predicted == truth).float()
-    return {"zs_base_acc": 100 * float(correct[~novel].mean()), "zs_novel_acc": 100 * float(correct[novel].mean()),
-            "zs_crops": len(truth), "chance_acc": 100 / len(world.things)}
+    scores = (features @ text.T).view(len(images), len(colours), len(world.things)).cpu()
+    shape_ok = (scores.amax(dim=1).argmax(dim=1) == torch.tensor(shapes)).float()
+    colour_ok = (scores.amax(dim=2).argmax(dim=1) == torch.tensor(paint)).float()
+    novel = torch.tensor([world.things[t] in world.novel for t in shapes])
+    return {"zs_base_acc": 100 * float(shape_ok[~novel].mean()), "zs_novel_acc": 100 * float(shape_ok[novel].mean()),
+            "zs_colour_acc": 100 * float(colour_ok.mean()), "zs_crops": len(shapes),
+            "chance_acc": 100 / len(world.things)}
 
 
 @dataclass
@@ -104,6 +121,7 @@ class PretrainConfig:
     world: dict = field(default_factory=lambda: {"size": 64, "seed": 0, "max_objects": 3})
     scenes: int = 20000
     captions_per_scene: int = 3
+    close_ups: float = 0.0
     eval_scenes: int = 200
     train: dict = field(default_factory=dict)
     export: str | None = None
@@ -123,7 +141,7 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     model = open_clip.create_model(config.model, pretrained=None)
     tokenizer = open_clip.get_tokenizer(config.model)
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
-    data = SyntheticCaptions(world, config.scenes, config.captions_per_scene)
+    data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups)
 
     def collate(items):
         images, texts = zip(*items)

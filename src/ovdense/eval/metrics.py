@@ -18,8 +18,8 @@ class SegmentationMetric:
 
     def update(self, prediction, target) -> None:
         """prediction, target: (H, W) integer arrays or tensors of the same shape."""
-        prediction = torch.as_tensor(np.asarray(prediction)).long().flatten()
-        target = torch.as_tensor(np.asarray(target)).long().flatten()
+        prediction = torch.as_tensor(np.array(prediction)).long().flatten()
+        target = torch.as_tensor(np.array(target)).long().flatten()
         if prediction.shape != target.shape:
             raise ValueError(f"prediction has {prediction.numel()} pixels but the target {target.numel()}")
         valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)

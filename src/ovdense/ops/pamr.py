@@ -6,17 +6,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _neighbourhoods(x: torch.Tensor, dilations: tuple[int, ...]) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, 9 * len(dilations), H, W): the 3x3 neighbourhood at each dilation (replicate-padded).
+_AROUND = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
-    Along dim 2, index 4 of each group of 9 is the centre pixel.
-    """
-    batch, channels, height, width = x.shape
-    groups = []
+
+def _neighbourhoods(x: torch.Tensor, dilations: tuple[int, ...], centre: bool = False) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, P, H, W): the 8 neighbours at each dilation (replicate-padded), P = 8 * len(dilations),
+    plus the pixel itself once per dilation when `centre` (P = 9 * len(dilations))."""
+    height, width = x.shape[-2:]
+    offsets = _AROUND + [(0, 0)] if centre else _AROUND
+    shifted = []
     for d in dilations:
         padded = F.pad(x, [d] * 4, mode="replicate")
-        groups.append(F.unfold(padded, kernel_size=3, dilation=d).view(batch, channels, 9, height, width))
-    return torch.cat(groups, dim=2)
+        shifted += [padded[..., d + dy * d:d + dy * d + height, d + dx * d:d + dx * d + width] for dy, dx in offsets]
+    return torch.stack(shifted, dim=2)
 
 
 class PAMR(nn.Module):
@@ -30,16 +32,14 @@ class PAMR(nn.Module):
         super().__init__()
         self.iterations = iterations
         self.dilations = tuple(dilations)
-        self._not_centre = [i for i in range(9 * len(self.dilations)) if i % 9 != 4]
 
     def forward(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined."""
         masks = F.interpolate(masks.float(), size=image.shape[-2:], mode="bilinear", align_corners=True)
         image = image.float()
-        around = _neighbourhoods(image, self.dilations)  # (B, 3, 9D, H, W)
-        std = around.std(dim=2, keepdim=True)
-        diff = (image.unsqueeze(2) - around[:, :, self._not_centre]).abs()
+        std = _neighbourhoods(image, self.dilations, centre=True).std(dim=2, keepdim=True)
+        diff = (image.unsqueeze(2) - _neighbourhoods(image, self.dilations)).abs()  # (B, 3, 8D, H, W)
         affinity = F.softmax((-diff / (1e-8 + 0.1 * std)).mean(dim=1, keepdim=True), dim=2)  # (B, 1, 8D, H, W)
         for _ in range(self.iterations):
-            masks = (_neighbourhoods(masks, self.dilations)[:, :, self._not_centre] * affinity).sum(dim=2)
+            masks = (_neighbourhoods(masks, self.dilations) * affinity).sum(dim=2)
         return masks
