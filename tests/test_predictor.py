@@ -95,10 +95,12 @@ def test_set_image_once_query_many(predictor, scene, monkeypatch):
     predictor.set_image(scene)
     calls = []
     monkeypatch.setattr(predictor.method, "embed_crops", lambda crops: calls.append(1))
-    a = predictor.predict("red, blue")
-    b = predictor.predict("blue, red, green")
+    first = predictor.predict("red, blue")
+    other = predictor.predict("blue, red, green")
+    again = predictor.predict("red, blue")
     assert not calls  # the image was not encoded again
-    assert b.scores.shape[0] == 3
+    assert other.scores.shape[0] == 3
+    torch.testing.assert_close(again.scores, first.scores)
 
 
 def test_synonyms_take_the_best_query(tiny_vit, scene):

@@ -117,11 +117,13 @@ def cmd_demo(args) -> int:
     from .data.synthetic import SyntheticWorld
     from .eval import SegmentationMetric
     out_dir = Path(args.output)
-    world = SyntheticWorld(size=args.size, seed=0, max_objects=3)
+    world = SyntheticWorld(size=64, seed=0, max_objects=3)  # the world the shipped model was trained on
     scene = world.scene(scene_index("val", args.scene))
+    zoom = max(1, args.zoom)  # pixels are repeated for a picture people can see; the preset resizes anyway
+    truth = scene.semantic.repeat(zoom, axis=0).repeat(zoom, axis=1)
     scene_path = out_dir / "demo_scene.png"
     with atomic_path(scene_path) as tmp:
-        Image.fromarray(scene.image).save(tmp, format="PNG")
+        Image.fromarray(scene.image).resize((64 * zoom, 64 * zoom), Image.NEAREST).save(tmp, format="PNG")
     predictor = _build_predictor(args)
     backbone = predictor.backbone
     random = backbone.weights.startswith(RANDOM_WEIGHTS)
@@ -131,17 +133,37 @@ def cmd_demo(args) -> int:
     vocabulary = Vocabulary.parse(args.classes) if args.classes else Vocabulary.coerce(world.classes)
     summary = _segment_one(predictor, scene_path, vocabulary, out_dir, RANDOM_NOTE.split(".")[0] if random else None)
     with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
-        overlay(scene.image, scene.semantic, world.classes).save(tmp, format="PNG")
+        overlay(np.asarray(Image.open(scene_path)), truth, world.classes).save(tmp, format="PNG")
     print(f"scene {args.scene} of the synthetic val split; captions: " + " | ".join(c.text for c in scene.captions))
     for segment in summary["segments"]:
         print(f"  {segment['label']:<14} area {100 * segment['area']:5.1f}%  mean score {segment['score']:.3f}")
+    if backbone.name.startswith("ovdense-tiny") and not random:
+        for obj, guess in zip(scene.objects, _name_objects(backbone, scene)):
+            print(f"  object crop: {obj.name:<16} -> zero-shot '{guess}'")
     if vocabulary.names == world.classes:
         metric = SegmentationMetric(len(world.classes))
-        metric.update(np.asarray(Image.open(out_dir / "demo_scene_labels.png")), scene.semantic)
+        metric.update(np.asarray(Image.open(out_dir / "demo_scene_labels.png")), truth)
         print(f"against the exact ground truth: pixel accuracy {metric.compute()['aAcc']:.1f}%")
     print(f"wrote {out_dir}/demo_scene_overlay.png (prediction), demo_scene_truth.png (ground truth), "
           "demo_scene_labels.png, demo_scene.json")
     return 0
+
+
+def _name_objects(backbone, scene) -> list[str]:
+    """Zero-shot names ('red star') of each ground-truth object of a synthetic scene, from a crop around it."""
+    import torch
+
+    from .data.synthetic import COLOURS, THINGS
+    from .engine.clip_pretrain import object_crop, to_tensor
+    from .text import DEFAULT_CACHE
+    names = [f"{c} {t}" for c in COLOURS for t in THINGS]
+    text = DEFAULT_CACHE.embed(backbone, names, ("a photo of a {}.",))
+    size = backbone.visual.image_size[0]
+    crops = torch.stack([to_tensor(object_crop(scene.image, o.box), backbone.image_mean, backbone.image_std, size)
+                         for o in scene.objects])
+    with torch.no_grad():
+        scores = torch.nn.functional.normalize(backbone.encode_image(crops), dim=-1) @ text.T
+    return [names[i] for i in scores.argmax(dim=1).tolist()]
 
 
 def cmd_eval(args) -> int:
@@ -203,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic", default_preset="synthetic")
     demo.add_argument("--classes", help="free-text classes (default: the synthetic world's 20 class names)")
     demo.add_argument("--scene", type=int, default=0, help="index of the val scene to segment")
-    demo.add_argument("--size", type=int, default=128, help="scene size in pixels")
+    demo.add_argument("--zoom", type=int, default=4, help="the 64 px scene is shown this many times larger")
     demo.add_argument("--output", default="outputs/demo")
     demo.set_defaults(func=cmd_demo)
 

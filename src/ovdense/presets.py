@@ -59,7 +59,7 @@ PRESETS: dict[str, Protocol] = {
     # The synthetic world with the shipped tiny CLIP: scenes at 2x the 64 px training scale, 64 px windows
     # (the model's native size), bare class names (its captions never say "a photo of a grass").
     "synthetic": Protocol("synthetic", short_side=128, crop=64, stride=32, templates="none",
-                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), mode="naclip"),
+                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), mode="maskclip"),
     # SCLIP (wangf3014/SCLIP configs): 336 short side, 224/112 windows, 80 templates, scale 40.
     "sclip": Protocol(
         "sclip", short_side=336, crop=224, stride=112, logit_scale=40.0, mode="sclip",

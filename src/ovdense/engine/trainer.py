@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from ..distributed import init_distributed
 from ..io import atomic_path
 
 
@@ -66,13 +65,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
 class Trainer:
     """Trains `model` by minimising `loss_fn(model, batch)['loss']` over `dataset`.
 
@@ -88,7 +80,7 @@ class Trainer:
             raise ValueError("batch_size must be a multiple of accumulate")
         self.model, self.loss_fn, self.dataset, self.config = model.to(device), loss_fn, dataset, config
         self.out_dir, self.collate, self.evaluate, self.device = Path(out_dir), collate, evaluate, device
-        self.rank, self.world = _distributed()
+        self.rank, self.world = init_distributed()
         self.progress = progress and self.rank == 0
         params = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]

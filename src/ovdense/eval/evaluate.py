@@ -1,22 +1,12 @@
 """Evaluate a segmentation predictor over a dataset, on one process or under torchrun."""
 from __future__ import annotations
 
-import os
-
-import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import SegmentationDataset
+from ..distributed import init_distributed
 from .metrics import SegmentationMetric
-
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
 def evaluate_segmentation(predictor, dataset: SegmentationDataset, limit: int | None = None,
@@ -28,7 +18,7 @@ def evaluate_segmentation(predictor, dataset: SegmentationDataset, limit: int | 
     vocabulary = dataset.vocabulary
     if vocabulary.background is None and predictor.protocol.background_threshold is not None:
         raise ValueError(f"{dataset.name} has no background class, so a background threshold cannot be used")
-    rank, world = _distributed()
+    rank, world = init_distributed()
     indices = range(len(dataset))[:limit][rank::world]
     metric = SegmentationMetric(len(vocabulary))
     for index in tqdm(indices, desc=f"eval {dataset.name}", disable=not progress or rank != 0, unit="img"):
