@@ -151,19 +151,11 @@ def cmd_demo(args) -> int:
 
 def _name_objects(backbone, scene) -> list[str]:
     """Zero-shot names ('red star') of each ground-truth object of a synthetic scene, from a crop around it."""
-    import torch
-
     from .data.synthetic import COLOURS, THINGS
-    from .engine.clip_pretrain import object_crop, to_tensor
-    from .text import DEFAULT_CACHE
-    names = [f"{c} {t}" for c in COLOURS for t in THINGS]
-    text = DEFAULT_CACHE.embed(backbone, names, ("a photo of a {}.",))
-    size = backbone.visual.image_size[0]
-    crops = torch.stack([to_tensor(object_crop(scene.image, o.box), backbone.image_mean, backbone.image_std, size)
-                         for o in scene.objects])
-    with torch.no_grad():
-        scores = torch.nn.functional.normalize(backbone.encode_image(crops), dim=-1) @ text.T
-    return [names[i] for i in scores.argmax(dim=1).tolist()]
+    from .engine.clip_pretrain import object_crop, score_object_crops
+    scores = score_object_crops(backbone, [object_crop(scene.image, o.box) for o in scene.objects], list(THINGS))
+    best = scores.flatten(1).argmax(dim=1).tolist()  # index colour * len(THINGS) + shape
+    return [f"{list(COLOURS)[i // len(THINGS)]} {THINGS[i % len(THINGS)]}" for i in best]
 
 
 def cmd_eval(args) -> int:

@@ -82,29 +82,35 @@ def clip_loss(model, batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int = 200, split: str = "val",
-                    template: str = "a photo of a {}.") -> dict[str, float]:
+def score_object_crops(backbone: CLIPBackbone, crops: list[np.ndarray], things: list[str],
+                       template: str = "a photo of a {}.") -> torch.Tensor:
+    """(N,) object crops -> (N, colours, shapes) cosine similarity with "a photo of a {colour} {shape}."."""
+    size = backbone.visual.image_size[0]
+    names = [f"{c} {t}" for c in COLOURS for t in things]
+    text = TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
+    images = torch.stack([to_tensor(c, backbone.image_mean, backbone.image_std, size) for c in crops])
+    features = torch.cat([F.normalize(backbone.encode_image(images[i:i + 256].to(backbone.device)), dim=-1)
+                          for i in range(0, len(images), 256)])
+    return (features @ text.T).view(len(crops), len(COLOURS), len(things)).cpu()
+
+
+def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int = 200, split: str = "val"
+                    ) -> dict[str, float]:
     """Zero-shot accuracy (%) on the val objects, each cropped around its box (25% margin).
 
     Every crop is scored against "a photo of a {colour} {shape}." for all colours and shapes; the shape
     prediction takes the best colour for each shape (colour words act as synonyms), and vice versa.
     Shape accuracy is reported for base and novel things, against a chance of 1 / number of shapes.
     """
-    size = backbone.visual.image_size[0]
     colours = list(COLOURS)
-    names = [f"{c} {t}" for c in colours for t in world.things]
-    text = TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
     crops, shapes, paint = [], [], []
     for i in range(scenes):
         scene = world.scene(scene_index(split, i))
         for obj in scene.objects:
-            crops.append(to_tensor(object_crop(scene.image, obj.box), backbone.image_mean, backbone.image_std, size))
+            crops.append(object_crop(scene.image, obj.box))
             shapes.append(world.things.index(obj.category))
             paint.append(colours.index(obj.colour))
-    images = torch.stack(crops).to(backbone.device)
-    features = torch.cat([F.normalize(backbone.encode_image(images[i:i + 256]), dim=-1)
-                          for i in range(0, len(images), 256)])
-    scores = (features @ text.T).view(len(images), len(colours), len(world.things)).cpu()
+    scores = score_object_crops(backbone, crops, list(world.things))
     shape_ok = (scores.amax(dim=1).argmax(dim=1) == torch.tensor(shapes)).float()
     colour_ok = (scores.amax(dim=2).argmax(dim=1) == torch.tensor(paint)).float()
     novel = torch.tensor([world.things[t] in world.novel for t in shapes])
