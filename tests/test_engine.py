@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from ovdense.data.synthetic import SyntheticWorld
-from ovdense.engine import TrainConfig, Trainer, batch_indices, lr_at
+from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
 from ovdense.engine.clip_pretrain import SyntheticCaptions, clip_loss
+
+
+def batch_indices(*args, **kwargs):
+    return [index for index, _ in batch_positions(*args, **kwargs)]
 
 
 def test_schedule_and_data_order():
@@ -19,6 +23,9 @@ def test_schedule_and_data_order():
     assert batch_indices(7, 1, config, 40) == batch_indices(7, 1, config, 40)
     ranks = [batch_indices(2, 0, config, 40, rank=r, world=2) for r in range(2)]
     assert sorted(ranks[0] + ranks[1]) == sorted(batch_indices(2, 0, config, 40))
+    assert {epoch for _, epoch in batch_positions(5, 0, config, 40)} == {1}  # step 5 starts the second epoch
+    poly = TrainConfig(steps=100, lr=1.0, warmup_steps=0, schedule="poly")
+    assert lr_at(50, poly) == pytest.approx(0.5 ** 0.9) and lr_at(100, poly) == pytest.approx(0.0)
 
 
 def _tiny_clip_trainer(tmp_path, steps, seed=0):

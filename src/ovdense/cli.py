@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from .backbones import DENSE_MODES, RANDOM_WEIGHTS, WeightsNotFoundError, load_clip
+from .backbones import DENSE_MODES, RANDOM_WEIGHTS, WeightsNotFoundError
 from .data import DATASETS, ImageError, SegmentationDataset, load_image
 from .io import atomic_path, write_text_atomic
-from .methods import METHODS
+from .methods import METHODS, TRAINED_METHODS, load_method
 from .predictor import SegmentationPredictor
 from .presets import PRESETS, get_protocol
 from .text import TEMPLATE_SETS, Vocabulary
@@ -30,10 +30,14 @@ RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are a
 def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai",
                     default_preset: str = "default") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model, help="open_clip architecture (see `ovdense models`)")
-    group.add_argument("--weights", default=default_weights,
-                       help="open_clip pretrained tag, a checkpoint file, or 'random' (default: %(default)s)")
-    group.add_argument("--method", default="maskclip", choices=sorted(METHODS))
+    group.add_argument("--model", help=f"open_clip architecture (see `ovdense models`; default: {default_model}, "
+                                         "or the one a --checkpoint was trained on)")
+    group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, or 'random' "
+                                         f"(default: {default_weights}, or those a --checkpoint records)")
+    group.add_argument("--method", default="maskclip", choices=sorted(METHODS),
+                       help=f"trained methods ({', '.join(TRAINED_METHODS)}) need --checkpoint")
+    group.add_argument("--checkpoint", help="a trained method's file (from `ovdense train METHOD`)")
+    parser.set_defaults(default_model=default_model, default_weights=default_weights)
     group.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: the preset's, else maskclip)")
     group.add_argument("--device", default="cpu")
     group.add_argument("--batch-size", type=int, default=8, help="crops embedded per forward pass")
@@ -61,8 +65,11 @@ def _build_predictor(args, dataset: str | None = None) -> SegmentationPredictor:
         key_smoothing=args.key_smoothing)
     if args.crop is not None:  # 0 means whole-image inference
         protocol = replace(protocol, crop=args.crop or None, stride=(args.stride or protocol.stride) if args.crop else None)
-    backbone = load_clip(args.model, args.weights, device=args.device)
-    method = METHODS[args.method](backbone, mode=args.mode or protocol.mode or "maskclip")
+    if args.method in TRAINED_METHODS:
+        method = load_method(args.method, args.model, args.weights, checkpoint=args.checkpoint, device=args.device)
+    else:
+        method = load_method(args.method, args.model or args.default_model, args.weights or args.default_weights,
+                             args.mode or protocol.mode, args.checkpoint, args.device)
     return SegmentationPredictor(method, protocol, batch_size=args.batch_size)
 
 
@@ -188,17 +195,29 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .engine.clip_pretrain import PretrainConfig, pretrain_clip
-    config = PretrainConfig.from_yaml(args.config)
+    if args.what == "clip":
+        from .engine.clip_pretrain import PretrainConfig, pretrain_clip
+        config = PretrainConfig.from_yaml(args.config)
+        if args.export:
+            config.export = args.export
+        _, scores = pretrain_clip(config, args.output, device=args.device, resume=not args.restart,
+                                  max_steps=args.max_steps)
+        print("zero-shot shape accuracy on val object crops: "
+              f"base {scores['zs_base_acc']:.1f}%, novel {scores['zs_novel_acc']:.1f}% "
+              f"(chance {scores['chance_acc']:.1f}%, {scores['zs_crops']} crops); colour {scores['zs_colour_acc']:.1f}%")
+        if config.export:
+            print(f"wrote {config.export}")
+        return 0
+    from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
+    from .engine.recipe import load_recipe
+    from .engine.tcl_train import TCLRecipe, train_tcl
+    recipe_class, train = {"tcl": (TCLRecipe, train_tcl), "denseclip": (DenseCLIPRecipe, train_denseclip)}[args.what]
+    recipe = load_recipe(recipe_class, args.config)
     if args.export:
-        config.export = args.export
-    _, scores = pretrain_clip(config, args.output, device=args.device, resume=not args.restart,
-                              max_steps=args.max_steps)
-    print("zero-shot shape accuracy on val object crops: "
-          f"base {scores['zs_base_acc']:.1f}%, novel {scores['zs_novel_acc']:.1f}% "
-          f"(chance {scores['chance_acc']:.1f}%, {scores['zs_crops']} crops); colour {scores['zs_colour_acc']:.1f}%")
-    if config.export:
-        print(f"wrote {config.export}")
+        recipe.export = args.export
+    _, export = train(recipe, args.output, device=args.device, resume=not args.restart, max_steps=args.max_steps)
+    print(f"wrote {export}; segment with: ovdense segment IMAGE --method {args.what} --checkpoint {export} "
+          "--classes '...'")
     return 0
 
 
@@ -248,10 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", help="train a model from a YAML recipe")
-    train.add_argument("what", choices=["clip"], help="clip: a tiny CLIP from scratch on synthetic captions")
-    train.add_argument("--config", required=True)
-    train.add_argument("--output", default="runs/tiny-clip", help="checkpoints and metrics.csv go here")
-    train.add_argument("--export", help="write the final fp16 weights here (default: the recipe's)")
+    train.add_argument("what", choices=["clip", "tcl", "denseclip"],
+                       help="clip: a tiny CLIP from scratch on synthetic captions; tcl: TCL from image-caption pairs; "
+                            "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset")
+    train.add_argument("--config", required=True, help="YAML recipe (see configs/)")
+    train.add_argument("--output", default="runs/train", help="checkpoints (last.pt) and metrics.csv go here")
+    train.add_argument("--export", help="write the trained weights here (default: the recipe's, else in --output)")
     train.add_argument("--device", default="cpu")
     train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     train.add_argument("--max-steps", type=int, help="stop after this many more steps (resume later)")

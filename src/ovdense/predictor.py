@@ -7,9 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones import DenseFeatures, load_clip
 from .data.images import load_image
-from .methods import METHODS
+from .methods import load_method
 from .ops import PAMR, crop_windows, merge_windows, short_side_size, sliding_windows
 from .presets import Protocol, get_protocol
 from .text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary, resolve_templates
@@ -80,7 +79,7 @@ class SegmentationPredictor:
         windows = sliding_windows(*size, self.protocol.crop, self.protocol.stride)
         crops = crop_windows((pixels - mean) / std, windows)
         parts = [self.method.embed_crops(crops[i:i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
-        embedded = DenseFeatures(torch.cat([p.features for p in parts]), torch.cat([p.keys for p in parts]))
+        embedded = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         self._image = {"size": (height, width), "pixels": pixels, "windows": windows, "embedded": embedded}
 
     @torch.no_grad()
@@ -97,19 +96,21 @@ class SegmentationPredictor:
             vocab = vocab.with_background()
         if not vocab.queries:
             raise ValueError("the vocabulary has no class to look for besides the background")
-        text = self.cache.embed(self.backbone, vocab.queries, resolve_templates(protocol.templates)).to(self.device)
+        text = self.method.embed_text(vocab.queries, resolve_templates(protocol.templates), self.cache).to(self.device)
 
         embedded, windows = self._image["embedded"], self._image["windows"]
         logits = torch.cat([
-            self.method.crop_logits(DenseFeatures(embedded.features[i:i + self.batch_size],
-                                                  embedded.keys[i:i + self.batch_size]),
-                                    text, protocol.key_smoothing)
+            self.method.crop_logits({key: value[i:i + self.batch_size] for key, value in embedded.items()},
+                                    text, protocol)
             for i in range(0, len(windows), self.batch_size)])
         pixels = self._image["pixels"]
         logits = merge_windows(logits, windows, tuple(pixels.shape[-2:]))  # (Q, h, w)
         if protocol.pamr_iterations > 0:
             logits = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(pixels[None], logits[None])[0]
-        scores = self._class_probabilities(logits * protocol.logit_scale, vocab, protocol.prompt_denoising)
+        if self.method.scores == "probability":  # per-query masks in [0, 1] (TCL): no softmax, no scale
+            scores = self._class_probabilities(logits, vocab, protocol.prompt_denoising, softmax=False)
+        else:
+            scores = self._class_probabilities(logits * protocol.logit_scale, vocab, protocol.prompt_denoising)
         scores = F.interpolate(scores[None], size=self._image["size"], mode="bilinear", align_corners=False)[0]
         labels = _assign_labels(scores, vocab.background, protocol)
         return SegmentationResult(labels.cpu().numpy(), scores.cpu(), vocab.names)
@@ -119,10 +120,12 @@ class SegmentationPredictor:
         return self.predict(vocabulary, **overrides)
 
     @staticmethod
-    def _class_probabilities(scaled: torch.Tensor, vocab: Vocabulary, denoise: float) -> torch.Tensor:
+    def _class_probabilities(scaled: torch.Tensor, vocab: Vocabulary, denoise: float, softmax: bool = True
+                             ) -> torch.Tensor:
         """(Q, h, w) scaled query logits -> (K, h, w): softmax over queries, max over each class's synonyms.
 
         With prompt denoising, classes whose best probability is under `denoise` leave the softmax.
+        softmax=False: `scaled` already holds per-query probabilities; only the synonyms are merged.
         """
         owner = torch.tensor(vocab.query_to_class, device=scaled.device)
 
@@ -130,6 +133,8 @@ class SegmentationPredictor:
             out = probs.new_zeros((len(vocab), *probs.shape[1:]))
             return out.scatter_reduce_(0, owner[:, None, None].expand_as(probs), probs, "amax")
 
+        if not softmax:
+            return per_class(scaled)
         scores = per_class(scaled.softmax(dim=0))
         if denoise > 0:
             dropped = scores.flatten(1).amax(dim=1) < denoise
@@ -155,14 +160,11 @@ def _assign_labels(scores: torch.Tensor, background: int | None, protocol: Proto
 
 def build_predictor(model: str = "ViT-B-16", weights: str = "openai", method: str = "maskclip",
                     mode: str | None = None, preset: Protocol | str = "default", dataset: str | None = None,
-                    device: str = "cpu", **predictor_kwargs) -> SegmentationPredictor:
-    """Load a CLIP backbone and wrap it in a method and a predictor.
+                    device: str = "cpu", checkpoint: str | None = None, **predictor_kwargs) -> SegmentationPredictor:
+    """Load a method (a CLIP backbone, or a trained checkpoint) and wrap it in a predictor.
 
-    mode: the dense-feature mode; by default the preset's, else 'maskclip'.
+    mode: the dense-feature mode of training-free methods; by default the preset's, else 'maskclip'.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     protocol = get_protocol(preset)
-    backbone = load_clip(model, weights, device=device)
-    segmenter = METHODS[method](backbone, mode=mode or protocol.mode or "maskclip")
+    segmenter = load_method(method, model, weights, mode or protocol.mode, checkpoint, device)
     return SegmentationPredictor(segmenter, protocol, dataset=dataset, **predictor_kwargs)

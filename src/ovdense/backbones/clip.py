@@ -120,11 +120,14 @@ class CLIPBackbone(nn.Module):
         return DENSE_MODES if self.arch == "vit" else RESNET_DENSE_MODES
 
     # ------------------------------------------------------------------------------------- text
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        """(N,) strings -> (N, context_length) token ids; an over-long prompt is an error, not a silent cut."""
+    def tokenize(self, texts: list[str], truncate: bool = False) -> torch.Tensor:
+        """(N,) strings -> (N, context_length) token ids.
+
+        An over-long prompt is an error, not a silent cut, unless `truncate` (training captions).
+        """
         limit = getattr(self.tokenizer, "context_length", None)
         encode = getattr(self.tokenizer, "encode", None)
-        if limit and encode:
+        if limit and encode and not truncate:
             for text in texts:
                 n = len(encode(text)) + 2  # start and end tokens
                 if n > limit:
@@ -132,9 +135,9 @@ class CLIPBackbone(nn.Module):
                                      f"takes at most {limit}. Shorten the class name.")
         return self.tokenizer(texts)
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str], truncate: bool = False) -> torch.Tensor:
         """(N,) strings -> (N, D) text embeddings (not normalised), equal to open_clip's `encode_text`."""
-        tokens = self.tokenize(texts).to(self.device)
+        tokens = self.tokenize(texts, truncate).to(self.device)
         m = self.model
         if getattr(m, "text_pool_type", None) != "argmax" or getattr(m, "attn_mask", None) is None:
             return m.encode_text(tokens)
@@ -142,11 +145,45 @@ class CLIPBackbone(nn.Module):
         # it, so the padding is dropped; CPU text encoding gets several times faster.
         length = int(tokens.argmax(dim=-1).max()) + 1
         tokens = tokens[:, :length]
+        return self.encode_token_embeddings(m.token_embedding(tokens), tokens.argmax(dim=-1))
+
+    def encode_token_embeddings(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """The text tower on given token embeddings: x (N, L, width), end-of-text positions eot (N,) -> (N, D).
+
+        Lets prompt learning (DenseCLIP's context tokens) insert learned embeddings between the words.
+        """
+        m = self.model
+        length = x.shape[1]
         cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
+        x = x.to(cast) + m.positional_embedding[:length].to(cast)
         x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
-        x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+        x = x[torch.arange(len(x), device=x.device), eot]
         return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+
+    def image_pyramid(self, images: torch.Tensor, indices: list[int]
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One pass for dense decoders: intermediate maps (B, C_i, h_i, w_i) at `indices` (as in `feature_maps`),
+        the global embedding (B, D) and the dense embeddings (B, D, h, w) of CLIP's own last layer (ResNet:
+        the attention pool at every location; ViT: ln_post and proj on every token). Differentiable."""
+        images = images.to(self.dtype)
+        if self.arch == "resnet":
+            stages = self._resnet_trunk(images)
+            tokens = self._attention_pool(stages[-1])  # (B, 1 + h*w, D)
+            grid = tuple(stages[-1].shape[-2:])
+            maps = [stages[i] for i in indices]
+        else:
+            x, grid = self._vit_embed(images)
+            blocks = self.visual.transformer.resblocks
+            wanted = {i % len(blocks) for i in indices}
+            outputs = {}
+            for i, block in enumerate(blocks):
+                x = self._vit_blocks(x, [block])
+                if i in wanted:
+                    outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+            maps = [outputs[i % len(blocks)] for i in indices]
+            tokens = self.visual.ln_post(x) @ self.visual.proj
+        dense = tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, *grid)
+        return maps, tokens[:, 0], dense
 
     # ------------------------------------------------------------------------------------ image
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -211,10 +248,8 @@ class CLIPBackbone(nn.Module):
         v = self.visual
         if v.attn_pool is not None:
             raise NotImplementedError(f"{self.name}: dense features are not defined for attention-pooled ViTs")
-        x, grid = self._vit_embed(images)
-        blocks = v.transformer.resblocks
-        x = self._vit_blocks(x, blocks[:-1])
-        x, keys = self._vit_last_block(x, mode, grid)
+        x, grid = self.vit_tokens(images, depth=-1)
+        x, keys = self.vit_last_block(x, mode, grid)
         tokens = v.ln_post(x[:, 1:]) @ v.proj  # (B, h*w, D)
         batch = images.shape[0]
         return DenseFeatures(
@@ -222,9 +257,19 @@ class CLIPBackbone(nn.Module):
             keys=keys[:, 1:].transpose(1, 2).reshape(batch, -1, *grid),
         )
 
-    def _vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width)."""
-        block = self.visual.transformer.resblocks[-1]
+    def vit_tokens(self, images: torch.Tensor, depth: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after the first `depth` blocks (negative: all but the
+        last -depth), and the grid (h, w)."""
+        x, grid = self._vit_embed(images.to(self.dtype))
+        return self._vit_blocks(x, self.visual.transformer.resblocks[:depth]), grid
+
+    def vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int], block: nn.Module | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width).
+
+        block: the transformer block to run (default: this CLIP's last; TCL passes its trainable copy).
+        """
+        block = self.visual.transformer.resblocks[-1] if block is None else block
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention):
             raise NotImplementedError(f"{self.name}: dense modes need nn.MultiheadAttention blocks")

@@ -74,10 +74,13 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
     name: an open_clip architecture ('ViT-B-16', 'RN50', ...) or 'hf-hub:org/repo' / 'local-dir:PATH'.
     weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b88k'; downloaded or read from the
         local cache), a local checkpoint file (.pt, .pth, .bin, .safetensors), or 'random' for a
-        seeded random initialisation (tests, pipeline checks).
+        seeded random initialisation (tests, pipeline checks); 'random:SEED' (a backbone's identity)
+        names the seed too.
     Raises WeightsNotFoundError, with instructions, when the weights are not available here.
     """
     _check_model_name(name)
+    if weights.startswith(f"{RANDOM_WEIGHTS}:") and weights.split(":", 1)[1].isdigit():
+        weights, seed = RANDOM_WEIGHTS, int(weights.split(":", 1)[1])
     kwargs = dict(precision=precision, device=device)
     if name.startswith(("hf-hub:", "local-dir:")):
         try:

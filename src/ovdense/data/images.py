@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 80_000_000  # a 10k x 8k image; larger ones are refused before decoding
@@ -72,3 +73,11 @@ def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
     elif array.dtype != np.uint8:
         raise ImageError(f"unsupported image array dtype {array.dtype}")
     return _to_rgb(Image.fromarray(array.squeeze(2) if array.shape[2] == 1 else array))
+
+
+def to_tensor(image: np.ndarray, mean, std, size: int | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, size, size) normalised float tensor."""
+    if size is not None and image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div(255)
+    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]

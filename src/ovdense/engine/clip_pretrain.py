@@ -14,18 +14,11 @@ from safetensors.torch import save_file
 
 from ..backbones import CLIPBackbone
 from ..data.export import scene_index
+from ..data.images import to_tensor
 from ..data.synthetic import COLOURS, SyntheticWorld
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from .trainer import TrainConfig, Trainer
-
-
-def to_tensor(image: np.ndarray, mean, std, size: int | None = None) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, size, size) normalised float tensor."""
-    if size is not None and image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    tensor = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div(255)
-    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
 def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:

@@ -1,14 +1,15 @@
 """One training loop for every trainable method: AMP, accumulation, warm-up + cosine schedule,
 atomic checkpoints with exact resume, progress bar, CSV metrics log, and torchrun DDP.
 
-Batches are a pure function of (seed, step): after a kill, resuming from the last checkpoint
-replays exactly the steps that a run without the kill would have taken.
+Batches, augmentations and random layers are pure functions of (seed, step): after a kill, resuming
+from the last checkpoint replays exactly the steps that a run without the kill would have taken.
 """
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,11 @@ from ..io import atomic_path
 
 @dataclass
 class TrainConfig:
-    """steps: optimizer steps; batch_size: global samples per step (split over ranks and accumulation)."""
+    """steps: optimizer steps; batch_size: global samples per step (split over ranks and accumulation).
+
+    schedule: 'cosine' (to 0) or 'poly' (power 0.9, mmseg's), both after a linear warm-up.
+    lr_mult: parameter-name prefix -> learning-rate multiplier (e.g. {'backbone.visual': 0.1}).
+    """
 
     steps: int = 1000
     batch_size: int = 64
@@ -38,17 +43,21 @@ class TrainConfig:
     eval_every: int = 0
     seed: int = 0
     num_workers: int = 0
+    schedule: str = "cosine"
+    lr_mult: dict = field(default_factory=dict)
 
 
-def batch_indices(step: int, micro: int, config: TrainConfig, size: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Dataset indices of micro-batch `micro` of optimizer step `step` on `rank`: epochs are seeded permutations."""
+def batch_positions(step: int, micro: int, config: TrainConfig, size: int, rank: int = 0, world: int = 1
+                    ) -> list[tuple[int, int]]:
+    """(dataset index, epoch) of each sample of micro-batch `micro` of step `step` on `rank`; epochs are seeded
+    permutations."""
     per_step = config.batch_size
     per_micro = per_step // config.accumulate
     start = step * per_step + micro * per_micro
     out = []
     for position in range(start + rank, start + per_micro, world):
         epoch, offset = divmod(position, size)
-        out.append(_epoch_order(config.seed, epoch, size)[offset])
+        out.append((_epoch_order(config.seed, epoch, size)[offset], epoch))
     return out
 
 
@@ -61,8 +70,10 @@ def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to `lr`, then cosine decay to 0 at `steps`."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    if config.schedule == "poly":
+        return config.lr * (1 - progress) ** 0.9
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -75,35 +86,47 @@ class Trainer:
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset, config: TrainConfig, out_dir: str | Path,
                  collate: Callable | None = None, evaluate: Callable | None = None, device: str = "cpu",
-                 progress: bool = True):
+                 progress: bool = True, find_unused_parameters: bool = False):
         if config.batch_size % config.accumulate:
             raise ValueError("batch_size must be a multiple of accumulate")
+        self.rank, self.world = init_distributed()
+        if str(device) == "cuda" and self.world > 1:  # one GPU per torchrun process
+            device = f"cuda:{os.environ.get('LOCAL_RANK', self.rank)}"
+            torch.cuda.set_device(device)
         self.model, self.loss_fn, self.dataset, self.config = model.to(device), loss_fn, dataset, config
         self.out_dir, self.collate, self.evaluate, self.device = Path(out_dir), collate, evaluate, device
-        self.rank, self.world = init_distributed()
         self.progress = progress and self.rank == 0
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        groups: dict[tuple[float, float], list] = {}  # (lr multiplier, weight decay) -> parameters
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                mult = next((m for prefix, m in config.lr_mult.items() if name.startswith(prefix)), 1.0)
+                groups.setdefault((mult, config.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": ps, "lr_mult": mult, "weight_decay": decay}
+                                            for (mult, decay), ps in groups.items()], lr=config.lr)
         cuda = str(device).startswith("cuda")
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
         self.wrapped = model
         if self.world > 1:
-            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None,
+                                                               find_unused_parameters=find_unused_parameters)
         self.step = 0
 
     @property
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
 
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        """The model's trainable parameters and its buffers; frozen weights are not copied into checkpoints."""
+        keep = {name for name, p in self.model.named_parameters() if p.requires_grad}
+        keep |= {name for name, _ in self.model.named_buffers()}
+        return {k: v for k, v in self.model.state_dict().items() if k in keep}
+
     def save(self) -> None:
-        """Write model, optimizer, scaler and step to last.pt atomically (rank 0 only)."""
+        """Write trained weights, optimizer, scaler and step to last.pt atomically (rank 0 only)."""
         if self.rank != 0:
             return
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": self._trained_state(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "step": self.step, "config": asdict(self.config)}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -113,7 +136,11 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
+        missing = set(self._trained_state()) - set(state["model"])
+        if missing:
+            raise ValueError(f"{self.checkpoint_path} does not fit this model (missing {sorted(missing)[:5]}); "
+                             "use another output folder or restart")
+        self.model.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
@@ -134,21 +161,28 @@ class Trainer:
             writer.writeheader()
             writer.writerows(rows)
 
-    def _batch(self, micro: int):
-        indices = batch_indices(self.step, micro, self.config, len(self.dataset), self.rank, self.world)
-        items = [self.dataset[i] for i in indices]
-        batch = self.collate(items) if self.collate else torch.utils.data.default_collate(items)
-        return _to_device(batch, self.device)
+    def _batches(self, end: int):
+        """Micro-batches of steps self.step..end-1 in order, loaded by `num_workers` DataLoader workers."""
+        size, first = len(self.dataset), self.step
+        order = (batch_positions(step, micro, self.config, size, self.rank, self.world)
+                 for step in range(first, end) for micro in range(self.config.accumulate))
+        loader = torch.utils.data.DataLoader(_ByPosition(self.dataset), batch_sampler=order,
+                                             collate_fn=self.collate or torch.utils.data.default_collate,
+                                             num_workers=self.config.num_workers)
+        for batch in loader:
+            yield _to_device(batch, self.device)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over `accumulate` micro-batches; returns the averaged logged values."""
+    def train_step(self, batches) -> dict[str, float]:
+        """One optimizer step over the next `accumulate` micro-batches of `batches`; returns the averaged logged values."""
         self.model.train()
+        # random layers (dropout, Gumbel noise) draw from a stream seeded by (seed, step, rank): resumes are exact
+        torch.manual_seed((self.config.seed * 1_000_003 + self.step) * 1_009 + self.rank)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.config)
+            group["lr"] = lr_at(self.step, self.config) * group["lr_mult"]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(self.config.accumulate):
-            batch = self._batch(micro)
+            batch = next(batches)
             with torch.autocast(device_type="cuda" if "cuda" in str(self.device) else "cpu", dtype=self.amp_dtype,
                                 enabled=self.config.amp):
                 values = self.loss_fn(self.wrapped, batch)
@@ -170,8 +204,9 @@ class Trainer:
             print(f"resumed from {self.checkpoint_path} at step {self.step}")
         end = self.config.steps if max_steps is None else min(self.config.steps, self.step + max_steps)
         bar = tqdm(total=self.config.steps, initial=self.step, desc="train", disable=not self.progress, unit="step")
+        batches = self._batches(end)
         while self.step < end:
-            values = self.train_step()
+            values = self.train_step(batches)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             row = None
@@ -195,3 +230,18 @@ def _to_device(batch, device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
+
+
+class _ByPosition(torch.utils.data.Dataset):
+    """Reads a dataset by (index, epoch): `sample(index, epoch)` where the dataset augments per epoch, else [index]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: tuple[int, int]):
+        index, epoch = position
+        sample = getattr(self.dataset, "sample", None)
+        return sample(index, epoch) if sample else self.dataset[index]

@@ -63,3 +63,10 @@ def format_table(metrics: dict, class_names: list[str]) -> str:
     lines.append("-" * (width + 18))
     lines.append(f"mIoU {metrics['mIoU']:.2f}   mAcc {metrics['mAcc']:.2f}   aAcc {metrics['aAcc']:.2f}")
     return "\n".join(lines)
+
+
+def group_means(iou: list[float], names: list[str], groups: dict[str, list[str]]) -> dict[str, float]:
+    """Mean IoU over named groups of classes, e.g. {'base': [...], 'novel': [...]} (NaN classes skipped)."""
+    values = np.array(iou, dtype=float)
+    return {group: float(np.nanmean(values[[names.index(c) for c in members]])) if members else float("nan")
+            for group, members in groups.items()}

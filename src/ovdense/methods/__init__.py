@@ -1,6 +1,37 @@
-"""Open-vocabulary dense prediction methods; each turns crops and text embeddings into per-position scores."""
+"""Open-vocabulary dense prediction methods; each turns crops and text embeddings into per-position scores.
+
+Training-free methods are built from a backbone; trained ones are loaded from their checkpoints
+(`load_method`), which record the CLIP they were trained on.
+"""
+from __future__ import annotations
+
+from ..backbones import load_clip
+from .base import DenseMethod, read_trained
 from .maskclip import MaskCLIP, key_smoothing
+from .denseclip import DenseCLIP
+from .tcl import TCL
 
-METHODS = {"maskclip": MaskCLIP}
+METHODS = {"maskclip": MaskCLIP, "tcl": TCL, "denseclip": DenseCLIP}
+TRAINED_METHODS = ("tcl", "denseclip")
 
-__all__ = ["METHODS", "MaskCLIP", "key_smoothing"]
+
+def load_method(name: str, model: str | None = None, weights: str | None = None, mode: str | None = None,
+                checkpoint: str | None = None, device: str = "cpu") -> DenseMethod:
+    """A ready-to-use method: trained methods from `checkpoint` (model / weights override the recorded
+    CLIP), training-free ones from the CLIP `model` / `weights` and the dense `mode`."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    if name in TRAINED_METHODS:
+        if not checkpoint:
+            raise ValueError(f"method {name!r} is trained: pass its checkpoint (--checkpoint PATH), "
+                             f"made by `ovdense train {name} --config ...`")
+        recorded = read_trained(checkpoint)[0]["model"]
+        if model and model != recorded:
+            raise ValueError(f"{checkpoint} was trained on {recorded}, not {model}")
+        return METHODS[name].from_checkpoint(checkpoint, device=device, weights=weights)
+    if checkpoint:
+        raise ValueError(f"method {name!r} is training-free and takes no checkpoint")
+    return METHODS[name](load_clip(model, weights, device=device), mode=mode or "maskclip")
+
+
+__all__ = ["METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "key_smoothing", "load_method"]

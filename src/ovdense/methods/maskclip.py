@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..backbones import CLIPBackbone, DenseFeatures
+from ..backbones import CLIPBackbone
+from ..presets import Protocol
+from .base import DenseMethod
 
 # MaskCLIP measures a position's confidence as the softmax of 100 x cosine over the classes.
 _CONFIDENCE_SCALE = 100.0
@@ -27,36 +28,35 @@ def key_smoothing(cosine: torch.Tensor, keys: torch.Tensor, threshold: float) ->
     return torch.where(unsure, smoothed, scores).view(batch, classes, height, width)
 
 
-class MaskCLIP(nn.Module):
+class MaskCLIP(DenseMethod):
     """Training-free open-vocabulary segmentation from a CLIP backbone.
 
     mode: the dense-feature switch of `CLIPBackbone.dense_features` ('maskclip', 'sclip',
         'clearclip', 'naclip', 'plain').
-    Inference is split so that a predictor can cache the image: `embed_crops` depends only on
-    the pixels, `crop_logits` combines the cached embedding with any vocabulary.
+    Inference follows `DenseMethod`: embed_crops caches the pixels, crop_logits adds any vocabulary.
     """
 
     name = "maskclip"
 
     def __init__(self, backbone: CLIPBackbone, mode: str = "maskclip"):
-        super().__init__()
+        super().__init__(backbone)
         if mode not in backbone.supported_modes():
             raise ValueError(f"dense mode {mode!r} is not available for {backbone.name}; "
                              f"choose one of {', '.join(backbone.supported_modes())}")
-        self.backbone = backbone
         self.mode = mode
 
     @torch.no_grad()
-    def embed_crops(self, crops: torch.Tensor) -> DenseFeatures:
-        """(B, 3, H, W) normalised crops -> DenseFeatures (B, D, h, w), unit-norm features."""
+    def embed_crops(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) normalised crops -> {'features': (B, D, h, w) unit-norm, 'keys': (B, C, h, w)}."""
         dense = self.backbone.dense_features(crops, self.mode)
-        return DenseFeatures(F.normalize(dense.features.float(), dim=1), dense.keys.float())
+        return {"features": F.normalize(dense.features.float(), dim=1), "keys": dense.keys.float()}
 
     @torch.no_grad()
-    def crop_logits(self, embedded: DenseFeatures, text: torch.Tensor, key_smoothing_threshold: float = 0.0
+    def crop_logits(self, embedded: dict[str, torch.Tensor], text: torch.Tensor, protocol: Protocol | None = None
                     ) -> torch.Tensor:
         """Cosine similarity of every position with every text: (B, D, h, w) x (Q, D) -> (B, Q, h, w)."""
-        cosine = torch.einsum("bdhw,qd->bqhw", embedded.features, text.to(embedded.features))
-        if key_smoothing_threshold > 0:
-            cosine = key_smoothing(cosine, embedded.keys, key_smoothing_threshold)
+        features = embedded["features"]
+        cosine = torch.einsum("bdhw,qd->bqhw", features, text.to(features))
+        if protocol is not None and protocol.key_smoothing > 0:
+            cosine = key_smoothing(cosine, embedded["keys"], protocol.key_smoothing)
         return cosine

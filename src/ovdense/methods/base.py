@@ -1,0 +1,76 @@
+"""What every segmentation method gives the predictor, and how trained methods are saved and loaded.
+
+A method splits inference so that a predictor can cache the image:
+  embed_crops(crops (B, 3, H, W)) -> dict of (B, ...) tensors    depends on the pixels only
+  embed_text(queries, templates, cache) -> (Q, D)                depends on the words only
+  crop_logits(embedded, text, protocol) -> (B, Q, h, w)          combines the two
+`scores` says what crop_logits returns: 'cosine' similarities (the predictor scales them and takes a
+softmax over the queries) or per-query 'probability' masks in [0, 1] (used as they are).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..backbones import CLIPBackbone
+from ..io import atomic_path
+from ..text import TextEmbeddingCache
+
+
+class DenseMethod(nn.Module):
+    """Base class: a CLIP backbone, cached template-averaged text embeddings, cosine scores."""
+
+    name = "method"
+    scores = "cosine"
+    mode: str | None = None
+
+    def __init__(self, backbone: CLIPBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def embed_text(self, queries: list[str], templates: tuple[str, ...], cache: TextEmbeddingCache) -> torch.Tensor:
+        """(Q,) names -> (Q, D) unit-norm text embeddings averaged over `templates`."""
+        return cache.embed(self.backbone, queries, templates)
+
+
+def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:
+    """Write the trainable weights of `method` (not its frozen CLIP) and how to rebuild it, as safetensors.
+
+    config: the constructor arguments of the method besides the backbone.
+    """
+    names = {name for name, p in method.named_parameters() if p.requires_grad}
+    state = {k: v.detach().float().contiguous() for k, v in method.state_dict().items() if k in names}
+    backbone = method.backbone
+    metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
+                "config": json.dumps(config)}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_trained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata with 'config' decoded, state dict) of a file written by `save_trained`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `ovdense train ...`")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        state = {key: handle.get_tensor(key) for key in handle.keys()}
+    if "method" not in metadata:
+        raise ValueError(f"{path} is not an ovdense method checkpoint (no 'method' in its metadata)")
+    metadata["config"] = json.loads(metadata.get("config", "{}"))
+    return metadata, state
+
+
+def load_trained_state(method: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load trained weights; every trainable parameter must be in `state`, the frozen ones come from CLIP."""
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    trainable = {name for name, p in method.named_parameters() if p.requires_grad}
+    lacking = sorted(trainable & set(missing))
+    if lacking or unexpected:
+        raise ValueError(f"checkpoint does not fit {method.name}: missing {lacking[:5]}, unexpected {unexpected[:5]}")
