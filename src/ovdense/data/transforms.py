@@ -36,11 +36,11 @@ class SegmentationAugment:
         image, label = self._crop(image, label, rng)
         if self.flip and rng.random() < 0.5:
             image, label = image[:, ::-1], label[:, ::-1]
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        pixels = torch.tensor(np.ascontiguousarray(image)).permute(2, 0, 1)
         if self.photometric:
             pixels = photometric_distortion(pixels, rng)
         pixels = (pixels.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-        labels = torch.from_numpy(np.ascontiguousarray(label)).long()
+        labels = torch.tensor(np.ascontiguousarray(label)).long()
         pad_h, pad_w = self.crop - pixels.shape[1], self.crop - pixels.shape[2]
         if pad_h > 0 or pad_w > 0:
             pixels = torch.nn.functional.pad(pixels, (0, max(0, pad_w), 0, max(0, pad_h)), value=0.0)

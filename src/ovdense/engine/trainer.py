@@ -175,14 +175,14 @@ class Trainer:
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over the next `accumulate` micro-batches of `batches`; returns the averaged logged values."""
         self.model.train()
-        # random layers (dropout, Gumbel noise) draw from a stream seeded by (seed, step, rank): resumes are exact
-        torch.manual_seed((self.config.seed * 1_000_003 + self.step) * 1_009 + self.rank)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.config) * group["lr_mult"]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(self.config.accumulate):
             batch = next(batches)
+            # random layers (dropout, Gumbel noise) draw from a stream seeded by (seed, step, micro-batch, rank)
+            torch.manual_seed(((self.config.seed * 1_000_003 + self.step) * 1_009 + micro) * 1_013 + self.rank)
             with torch.autocast(device_type="cuda" if "cuda" in str(self.device) else "cpu", dtype=self.amp_dtype,
                                 enabled=self.config.amp):
                 values = self.loss_fn(self.wrapped, batch)

@@ -39,11 +39,13 @@ class DenseMethod(nn.Module):
 
 
 def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:
-    """Write the trainable weights of `method` (not its frozen CLIP) and how to rebuild it, as safetensors.
+    """Write the trainable weights and the buffers (e.g. BatchNorm statistics) of `method`, not its frozen
+    CLIP weights, and how to rebuild it, as safetensors.
 
     config: the constructor arguments of the method besides the backbone.
     """
     names = {name for name, p in method.named_parameters() if p.requires_grad}
+    names |= {name for name, _ in method.named_buffers()}
     state = {k: v.detach().float().contiguous() for k, v in method.state_dict().items() if k in names}
     backbone = method.backbone
     metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
