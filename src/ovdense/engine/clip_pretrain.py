@@ -9,7 +9,6 @@ import open_clip
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image
 from safetensors.torch import save_file
 
 from ..backbones import CLIPBackbone

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..backbones import CLIPBackbone
+from ..backbones import CLIPBackbone, load_clip
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 
@@ -36,6 +36,23 @@ class DenseMethod(nn.Module):
     def embed_text(self, queries: list[str], templates: tuple[str, ...], cache: TextEmbeddingCache) -> torch.Tensor:
         """(Q,) names -> (Q, D) unit-norm text embeddings averaged over `templates`."""
         return cache.embed(self.backbone, queries, templates)
+
+    # Trained methods keep their constructor arguments (besides the backbone) in `self.config`.
+    def save(self, path: str | Path) -> Path:
+        """Write the trained weights (not the frozen CLIP) and the constructor arguments as safetensors."""
+        return save_trained(self, path, self.config)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None, **overrides):
+        """Rebuild a saved method: its CLIP from the recorded name and weights (or `weights`), then the
+        trained weights. overrides: constructor arguments to change (e.g. kp_weight=0, inference='score_map')."""
+        metadata, state = read_trained(path)
+        if metadata["method"] != cls.name:
+            raise ValueError(f"{path} holds a {metadata['method']} model, not {cls.name}")
+        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
+        method = cls(backbone, **{**metadata["config"], **overrides})
+        load_trained_state(method, state)
+        return method.to(device).eval()
 
 
 def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:

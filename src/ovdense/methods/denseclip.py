@@ -15,21 +15,19 @@ the score map of any names (`inference='score_map'`).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
-from ..backbones import CLIPBackbone, load_clip
+from ..backbones import CLIPBackbone
 from ..data.datasets import IGNORE_INDEX
 from ..presets import Protocol
-from .base import DenseMethod, load_trained_state, read_trained, save_trained
+from .base import DenseMethod
 
 
 # ------------------------------------------------------------------------------------- prompting
@@ -61,7 +59,7 @@ class ContextPromptEncoder(nn.Module):
         backbone = self.backbone[0]
         contexts = self.contexts if contexts is None else contexts
         words = backbone.model.token_embedding(tokens.to(backbone.device))  # (K, L, width)
-        batch, (classes, length, width) = len(contexts), words.shape
+        batch, classes = len(contexts), words.shape[0]
         words = words[None].expand(batch, -1, -1, -1)
         contexts = contexts[:, None].expand(-1, classes, -1, -1).to(words.dtype)
         x = torch.cat([words[:, :, :1], contexts, words[:, :, 1:]], dim=2).flatten(0, 1)
@@ -328,20 +326,3 @@ class DenseCLIP(DenseMethod):
         logits = self.decoder(levels)
         picked = logits[:, text.head_index.clamp_min(0)]
         return picked.masked_fill((text.head_index < 0)[None, :, None, None], float("-inf"))
-
-    # ------------------------------------------------------------------------------- save / load
-    def save(self, path: str | Path) -> Path:
-        """Write the fine-tuned image encoder, prompts, decoders and head (not the frozen text tower)."""
-        return save_trained(self, path, self.config)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None,
-                        **overrides) -> "DenseCLIP":
-        """Rebuild a saved DenseCLIP; overrides: constructor arguments to change (e.g. inference='score_map')."""
-        metadata, state = read_trained(path)
-        if metadata["method"] != cls.name:
-            raise ValueError(f"{path} holds a {metadata['method']} model, not {cls.name}")
-        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
-        method = cls(backbone, **{**metadata["config"], **overrides})
-        load_trained_state(method, state)
-        return method.to(device).eval()

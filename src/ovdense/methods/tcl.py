@@ -15,16 +15,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones import CLIPBackbone, load_clip
+from ..backbones import CLIPBackbone
 from ..distributed import gather_with_grad
 from ..presets import Protocol
-from .base import DenseMethod, load_trained_state, read_trained, save_trained
+from .base import DenseMethod
 
 
 # ----------------------------------------------------------------------------------------- losses
@@ -248,22 +247,3 @@ class TCL(DenseMethod):
             kp = F.interpolate(kp, size=masks.shape[-2:], mode="bilinear", align_corners=False)
             masks = self.kp_weight * kp + (1 - self.kp_weight) * masks
         return masks
-
-    # ------------------------------------------------------------------------------- save / load
-    def save(self, path: str | Path) -> Path:
-        """Write the trained grounder (not the frozen CLIP) as safetensors."""
-        return save_trained(self, path, self.config)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None, **overrides) -> "TCL":
-        """Rebuild a saved TCL: its CLIP from the recorded name and weights (or `weights`), then the grounder.
-
-        overrides: constructor arguments to change (e.g. kp_weight=0).
-        """
-        metadata, state = read_trained(path)
-        if metadata["method"] != cls.name:
-            raise ValueError(f"{path} holds a {metadata['method']} model, not {cls.name}")
-        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
-        method = cls(backbone, **{**metadata["config"], **overrides})
-        load_trained_state(method, state)
-        return method.to(device).eval()
