@@ -195,9 +195,10 @@ def cmd_synth(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .engine.recipe import load_recipe
     if args.what == "clip":
         from .engine.clip_pretrain import PretrainConfig, pretrain_clip
-        config = PretrainConfig.from_yaml(args.config)
+        config = load_recipe(PretrainConfig, args.config)
         if args.export:
             config.export = args.export
         _, scores = pretrain_clip(config, args.output, device=args.device, resume=not args.restart,
@@ -209,7 +210,6 @@ def cmd_train(args) -> int:
             print(f"wrote {config.export}")
         return 0
     from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
-    from .engine.recipe import load_recipe
     from .engine.tcl_train import TCLRecipe, train_tcl
     recipe_class, train = {"tcl": (TCLRecipe, train_tcl), "denseclip": (DenseCLIPRecipe, train_denseclip)}[args.what]
     recipe = load_recipe(recipe_class, args.config)

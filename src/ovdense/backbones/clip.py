@@ -172,15 +172,7 @@ class CLIPBackbone(nn.Module):
             grid = tuple(stages[-1].shape[-2:])
             maps = [stages[i] for i in indices]
         else:
-            x, grid = self._vit_embed(images)
-            blocks = self.visual.transformer.resblocks
-            wanted = {i % len(blocks) for i in indices}
-            outputs = {}
-            for i, block in enumerate(blocks):
-                x = self._vit_blocks(x, [block])
-                if i in wanted:
-                    outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-            maps = [outputs[i % len(blocks)] for i in indices]
+            maps, x, grid = self._vit_maps(images, indices, run_all=True)
             tokens = self.visual.ln_post(x) @ self.visual.proj
         dense = tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, *grid)
         return maps, tokens[:, 0], dense
@@ -215,15 +207,7 @@ class CLIPBackbone(nn.Module):
         if self.arch == "resnet":
             stages = self._resnet_trunk(images)
             return [stages[i] for i in indices]
-        x, grid = self._vit_embed(images)
-        blocks = self.visual.transformer.resblocks
-        wanted = {i % len(blocks) for i in indices}
-        outputs = {}
-        for i, block in enumerate(blocks[: max(wanted) + 1]):
-            x = self._vit_blocks(x, [block])
-            if i in wanted:
-                outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
-        return [outputs[i % len(blocks)] for i in indices]
+        return self._vit_maps(images, indices, run_all=False)[0]
 
     # ------------------------------------------------------------------------------ ViT internals
     def _vit_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -235,6 +219,20 @@ class CLIPBackbone(nn.Module):
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + resize_grid_embedding(v.positional_embedding, grid).to(x.dtype)
         return v.ln_pre(v.patch_dropout(x)), grid
+
+    def _vit_maps(self, images: torch.Tensor, indices: list[int], run_all: bool
+                  ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]:
+        """Block outputs at `indices` as maps (B, width, h, w), the last tokens computed (B, N, width) and the
+        grid; blocks after the last wanted one run only with `run_all`."""
+        x, grid = self._vit_embed(images)
+        blocks = self.visual.transformer.resblocks
+        wanted = {i % len(blocks) for i in indices}
+        outputs = {}
+        for i, block in enumerate(blocks if run_all else blocks[: max(wanted) + 1]):
+            x = self._vit_blocks(x, [block])
+            if i in wanted:
+                outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
+        return [outputs[i % len(blocks)] for i in indices], x, grid
 
     def _vit_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
         """Run blocks on batch-first tokens (B, N, width)."""

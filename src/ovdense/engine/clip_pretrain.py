@@ -8,7 +8,6 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import save_file
 
 from ..backbones import CLIPBackbone
@@ -123,10 +122,6 @@ class PretrainConfig:
     eval_scenes: int = 200
     train: dict = field(default_factory=dict)
     export: str | None = None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "PretrainConfig":
-        return cls(**(yaml.safe_load(Path(path).read_text()) or {}))
 
 
 def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = True,

@@ -66,6 +66,24 @@ def _epoch_order(seed: int, epoch: int, size: int) -> list[int]:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable parameters and its buffers (e.g. BatchNorm statistics); frozen weights are left out
+    of checkpoints, they come from where the model was built from."""
+    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep |= {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a `trained_state`; every trainable parameter and buffer must be in it, and nothing else."""
+    missing = sorted(set(trained_state(model)) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up to `lr`, then cosine decay to 0 at `steps`."""
     if step < config.warmup_steps:
@@ -116,17 +134,11 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
 
-    def _trained_state(self) -> dict[str, torch.Tensor]:
-        """The model's trainable parameters and its buffers; frozen weights are not copied into checkpoints."""
-        keep = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        keep |= {name for name, _ in self.model.named_buffers()}
-        return {k: v for k, v in self.model.state_dict().items() if k in keep}
-
     def save(self) -> None:
         """Write trained weights, optimizer, scaler and step to last.pt atomically (rank 0 only)."""
         if self.rank != 0:
             return
-        state = {"model": self._trained_state(), "optimizer": self.optimizer.state_dict(),
+        state = {"model": trained_state(self.model), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "step": self.step, "config": asdict(self.config)}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
@@ -136,11 +148,7 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        missing = set(self._trained_state()) - set(state["model"])
-        if missing:
-            raise ValueError(f"{self.checkpoint_path} does not fit this model (missing {sorted(missing)[:5]}); "
-                             "use another output folder or restart")
-        self.model.load_state_dict(state["model"], strict=False)
+        load_trained_state(self.model, state["model"], f"{self.checkpoint_path} (use another output folder or restart)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import CLIPBackbone, load_clip
+from ..engine.trainer import load_trained_state, trained_state
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 
@@ -51,7 +52,7 @@ class DenseMethod(nn.Module):
             raise ValueError(f"{path} holds a {metadata['method']} model, not {cls.name}")
         backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
         method = cls(backbone, **{**metadata["config"], **overrides})
-        load_trained_state(method, state)
+        load_trained_state(method, state, str(path))
         return method.to(device).eval()
 
 
@@ -61,9 +62,7 @@ def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:
 
     config: the constructor arguments of the method besides the backbone.
     """
-    names = {name for name, p in method.named_parameters() if p.requires_grad}
-    names |= {name for name, _ in method.named_buffers()}
-    state = {k: v.detach().float().contiguous() for k, v in method.state_dict().items() if k in names}
+    state = {k: v.detach().float().contiguous() for k, v in trained_state(method).items()}
     backbone = method.backbone
     metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
                 "config": json.dumps(config)}
@@ -84,12 +83,3 @@ def read_trained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{path} is not an ovdense method checkpoint (no 'method' in its metadata)")
     metadata["config"] = json.loads(metadata.get("config", "{}"))
     return metadata, state
-
-
-def load_trained_state(method: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load trained weights; every trainable parameter must be in `state`, the frozen ones come from CLIP."""
-    missing, unexpected = method.load_state_dict(state, strict=False)
-    trainable = {name for name, p in method.named_parameters() if p.requires_grad}
-    lacking = sorted(trainable & set(missing))
-    if lacking or unexpected:
-        raise ValueError(f"checkpoint does not fit {method.name}: missing {lacking[:5]}, unexpected {unexpected[:5]}")
