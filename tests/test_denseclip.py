@@ -167,6 +167,12 @@ def test_short_run_loss_falls_then_predicts(world_folder, tmp_path):
     with pytest.warns(UserWarning, match="never predicts"):
         result = predictor(np.zeros((64, 64, 3), np.uint8), ["sky", "grass", "unicorn"])
     assert 2 not in np.unique(result.labels)  # a class the head was not trained on is never predicted
+    # the head's logits go into the softmax as they are (no cosine logit scale)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    scores = predictor(image, ["sky", "grass"]).scores
+    head = loaded.crop_logits(predictor._image["embedded"], loaded.embed_text(["sky", "grass"]))
+    expected = F.interpolate(head, size=(64, 64), mode="bilinear", align_corners=False)[0].softmax(dim=0)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="score_map"):
         predictor(np.zeros((64, 64, 3), np.uint8), ["unicorn"])
     open_vocabulary = DenseCLIP.from_checkpoint(path, inference="score_map")

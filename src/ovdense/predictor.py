@@ -109,8 +109,9 @@ class SegmentationPredictor:
             logits = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(pixels[None], logits[None])[0]
         if self.method.scores == "probability":  # per-query masks in [0, 1] (TCL): no softmax, no scale
             scores = self._class_probabilities(logits, vocab, protocol.prompt_denoising, softmax=False)
-        else:
-            scores = self._class_probabilities(logits * protocol.logit_scale, vocab, protocol.prompt_denoising)
+        else:  # cosine similarities take the protocol's logit scale; a trained head's logits (DenseCLIP) do not
+            scale = protocol.logit_scale if self.method.scores == "cosine" else 1.0
+            scores = self._class_probabilities(logits * scale, vocab, protocol.prompt_denoising)
         scores = F.interpolate(scores[None], size=self._image["size"], mode="bilinear", align_corners=False)[0]
         labels = _assign_labels(scores, vocab.background, protocol)
         return SegmentationResult(labels.cpu().numpy(), scores.cpu(), vocab.names)
