@@ -1,23 +1,41 @@
 """Build a `CLIPBackbone` from an open_clip architecture name and a source of weights."""
 from __future__ import annotations
 
+import collections
 import difflib
+import io
 import os
+import pickle
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import open_clip
 import torch
 
+from ..errors import CheckpointError
 from .clip import CLIPBackbone
 
 RANDOM_WEIGHTS = "random"
 _PACKAGE = Path(__file__).resolve().parent.parent
 open_clip.add_model_config(_PACKAGE / "model_configs")  # the ovdense-tiny-* architectures
-# Weights shipped inside the package: (architecture, tag) -> file, and the command that makes it.
+
+
+class PackagedWeights(NamedTuple):
+    """Weights shipped inside the package, with what a user needs to use them well (as torchvision's weights)."""
+
+    path: Path
+    command: str  # how they were made
+    preset: str  # the recommended inference protocol (ovdense.presets)
+    description: str
+
+
 PACKAGED_WEIGHTS = {
-    ("ovdense-tiny-vit", "synthetic"): (_PACKAGE / "weights" / "ovdense-tiny-vit-synthetic.safetensors",
-                                        "ovdense train clip --config configs/tiny_clip_vit_synthetic.yaml"),
+    ("ovdense-tiny-vit", "synthetic"): PackagedWeights(
+        _PACKAGE / "weights" / "ovdense-tiny-vit-synthetic.safetensors",
+        "ovdense train clip --config configs/tiny_clip_vit_synthetic.yaml", "synthetic",
+        "a 4-layer ViT CLIP trained from scratch on the synthetic world's captions; offline, knows only that "
+        "world's words"),
 }
 _HOW_TO_GET_WEIGHTS = (
     "To use real CLIP weights either (a) run once on a machine with internet access so that open_clip "
@@ -28,7 +46,7 @@ _HOW_TO_GET_WEIGHTS = (
 )
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(CheckpointError, FileNotFoundError):
     """The requested CLIP weights are neither a readable file nor available offline."""
 
 
@@ -48,24 +66,110 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
+_STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+class _ScriptObject:
+    """Stands for a TorchScript module in an archive's data.pkl; keeps its attributes, runs none of its code."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _WeightsUnpickler(pickle.Unpickler):
+    """Reads a TorchScript archive's data.pkl allowing only modules (as _ScriptObject), tensors and storages."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(f"{prefix}/data.pkl")))
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+    def persistent_load(self, pid):
+        """('storage', dtype, key, location, numel) -> (the bytes of data/KEY as an untyped storage, dtype)."""
+        _, dtype, key, _, _ = pid
+        if key not in self.storages:  # tensors that share a storage share it here too
+            data = bytearray(self.archive.read(f"{self.prefix}/data/{key}"))
+            self.storages[key] = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data \
+                else torch.UntypedStorage(0)
+        return self.storages[key], dtype
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor_v2 for a (storage, dtype) from persistent_load; set_ checks the bounds."""
+    untyped, dtype = storage
+    return torch.empty(0, dtype=dtype).set_(untyped, offset, size, stride)
+
+
+def _torchscript_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive by attribute path, read without torch.jit.load, which would run
+    the archive's TorchScript code (e.g. a crafted __setstate__) while loading."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("the archive has no data.pkl")
+        root = _WeightsUnpickler(archive, pickles[0].rsplit("/", 1)[0]).load()
+    state, stack, seen = {}, [("", root)], set()
+    while stack:
+        name, obj = stack.pop()
+        if id(obj) in seen or not isinstance(getattr(obj, "state", None), dict):
+            continue  # a module met twice (a crafted cycle), or one with a custom __getstate__
+        seen.add(id(obj))
+        for key, value in obj.state.items():
+            if isinstance(value, torch.Tensor):
+                state[name + key] = value
+            elif isinstance(value, _ScriptObject):
+                stack.append((f"{name}{key}.", value))
+    return state
+
+
 def _from_file(name: str, path: Path, device: str, precision: str) -> torch.nn.Module:
-    if _is_torchscript(path):
-        # TorchScript archives hold no Python pickle code; read the weights and build an eager model.
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True, precision=precision)
-        # Scalars and causal masks stored beside the weights are not parameters of the eager model.
-        extra = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
-        state = {k: v for k, v in state.items() if k.split(".")[-1] not in extra}
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise ValueError(f"{path} does not hold weights for the {name} architecture: {error}") from error
-        return model.to(device)
+    """The `name` architecture with the weights of checkpoint file `path` (OpenAI TorchScript .pt, open_clip
+    .pt/.bin state dict, .safetensors); nothing in the file is executed. Raises CheckpointError naming the
+    file when it is empty, damaged, not a weights file, or holds weights of another architecture."""
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download or copy it again")
     try:
-        return open_clip.create_model(name, pretrained=str(path), precision=precision, device=device,
-                                      weights_only=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path} does not hold weights for the {name} architecture: {error}") from error
+        if _is_torchscript(path):
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True, precision=precision)
+            # Scalars and causal masks stored beside the weights are not parameters of the eager model.
+            extra = {"input_resolution", "context_length", "vocab_size", "attn_mask"}
+            weights = _torchscript_weights(path)
+            model.load_state_dict({k: v for k, v in weights.items() if k.split(".")[-1] not in extra})
+        else:  # open_clip reads it with torch.load(weights_only=True) or safetensors and converts the keys
+            model = open_clip.create_model(name, pretrained=str(path), precision=precision, weights_only=True)
+    except Exception as error:  # torch, open_clip, zipfile and safetensors raise a dozen types for a bad file;
+        raise _unreadable(path, name, error) from error  # on the CPU, only the file (or memory) can fail here
+    return model.to(device)
+
+
+def _unreadable(path: Path, name: str, error: Exception) -> CheckpointError:
+    """One CheckpointError with a reason for whatever reading weights file `path` for `name` raised."""
+    if isinstance(error, pickle.UnpicklingError):
+        reason = ("it is damaged, or it holds pickled Python objects besides tensors, which are not loaded "
+                  "because unpickling them could run arbitrary code")
+    elif isinstance(error, RuntimeError) and "state_dict" in str(error):
+        reason = f"its weights are not those of the {name} architecture; check the architecture name"
+    else:
+        reason = "it is damaged, truncated, or not a weights file"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # keep what was refused, not torch's advice
+        lines = lines[-2:-1]
+    detail = " ".join(" ".join(lines).split())
+    detail = f"{type(error).__name__}: {detail[:200]}{'...' if len(detail) > 200 else ''}"
+    return CheckpointError(f"cannot load CLIP weights from {path}: {reason} ({detail})")
 
 
 def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> CLIPBackbone:
@@ -88,9 +192,11 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
         except Exception as error:  # hub errors come in many types
             raise WeightsNotFoundError(f"could not load {name}: {error}\n{_HOW_TO_GET_WEIGHTS}") from error
     elif (name, weights) in PACKAGED_WEIGHTS:
-        path, command = PACKAGED_WEIGHTS[(name, weights)]
+        path, command = PACKAGED_WEIGHTS[(name, weights)][:2]
         if not path.is_file():
-            raise WeightsNotFoundError(f"the packaged weights {path.name} are missing; make them with `{command}`")
+            raise WeightsNotFoundError(f"the packaged weights {path.name} are missing (reinstall ovdense); to make "
+                                       f"them, run `{command} --output runs/clip` and copy runs/clip/{path.name} "
+                                       f"into {path.parent} by hand")
         model = _from_file(name, path, device, precision)
     elif weights == RANDOM_WEIGHTS:
         with torch.random.fork_rng():
@@ -98,6 +204,8 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
             model = open_clip.create_model(name, pretrained=None, **kwargs)
     elif Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in weights:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; pass the checkpoint file itself")
         if not path.is_file():
             raise WeightsNotFoundError(f"checkpoint file {path} does not exist.\n{_HOW_TO_GET_WEIGHTS}")
         model = _from_file(name, path, device, precision)

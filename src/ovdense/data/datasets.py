@@ -12,10 +12,16 @@ Layouts (`root` is the folder named in brackets):
   ade150           [ADEChallengeData2016] images/validation/*.jpg, annotations/validation/*.png
   cityscapes       [cityscapes] leftImg8bit/SPLIT/CITY/*_leftImg8bit.png, gtFine/SPLIT/CITY/*_gtFine_labelTrainIds.png
   folder           [any] images/*, labels/STEM.png (values = class index, 255 ignore), classes.txt,
-                   optional SPLIT.txt listing stems
+                   SPLIT.txt listing stems; only when the folder has no .txt file besides classes.txt
+                   does split 'val' (the default) take all images, with a warning
+
+Problems with the data raise InputError naming the file: DatasetNotFoundError (also a FileNotFoundError)
+for a missing root, list file, image or label map; InputError for an empty or duplicated class list, an
+unreadable label map, or label values that are neither a class index nor 255.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,10 +30,16 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from ..errors import InputError, UsageError
 from ..text import Vocabulary
 
+logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class DatasetNotFoundError(InputError, FileNotFoundError):
+    """A dataset folder, split list, image or label map that should exist does not."""
 
 
 def _reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -42,6 +54,8 @@ def _identity(label: np.ndarray) -> np.ndarray:
 
 
 def _listed(root: Path, list_file: str, image_dir: str, label_dir: str, image_suffix=".jpg") -> list[tuple[Path, Path]]:
+    if not (root / list_file).is_file():
+        raise DatasetNotFoundError(f"the split list {root / list_file} does not exist")
     ids = (root / list_file).read_text().split()
     return [(root / image_dir / f"{i}{image_suffix}", root / label_dir / f"{i}.png") for i in ids]
 
@@ -78,12 +92,25 @@ def _cityscapes(root: Path, split: str):
 
 
 def _folder(root: Path, split: str):
+    if not (root / "images").is_dir():
+        raise DatasetNotFoundError(f"the image folder {root / 'images'} does not exist")
     images = {p.stem: p for p in sorted((root / "images").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     split_file = root / f"{split}.txt"
-    stems = split_file.read_text().split() if split_file.is_file() else list(images)
+    if split_file.is_file():
+        stems = split_file.read_text().split()
+    else:
+        splits = sorted(p.name for p in root.glob("*.txt") if p.name != "classes.txt")
+        if splits or split != "val":
+            raise DatasetNotFoundError(f"the split list {split_file} does not exist (split lists there: "
+                                       f"{', '.join(splits) or 'none'}); write one stem per line, or pick "
+                                       f"another split")
+        logger.warning(f"{root} has no split lists (e.g. val.txt): evaluating on all {len(images)} images")
+        stems = list(images)
     missing = [s for s in stems if s not in images]
     if missing:
-        raise FileNotFoundError(f"{root}/images has no image for {', '.join(missing[:5])}")
+        raise DatasetNotFoundError(f"{root / 'images'} has no image for {', '.join(missing[:5])}"
+                                   + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                                   + f" (listed in {split_file})")
     return [(images[s], root / "labels" / f"{s}.png") for s in stems]
 
 
@@ -115,24 +142,32 @@ def builtin_vocabulary(name: str) -> Vocabulary:
 
 
 class SegmentationDataset:
-    """A list of (image path, label path) pairs with the dataset's label decoding and vocabulary."""
+    """A list of (image path, label path) pairs with the dataset's label decoding and vocabulary.
+
+    Every listed image and label map must exist; label values are checked as each map is read.
+    """
 
     def __init__(self, name: str, root: str | Path, split: str = "val"):
         if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+            raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
         self.name, self.root, self.split = name, Path(root), split
         if not self.root.is_dir():
-            raise FileNotFoundError(f"dataset root {self.root} is not a folder")
+            raise DatasetNotFoundError(f"dataset root {self.root} is not a folder")
         self.spec = DATASETS[name]
         try:
             self.items = self.spec.find(self.root, split)
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{self.root} does not have the {name} layout "
-                                    f"(see ovdense.data.datasets): {error}") from error
+        except DatasetNotFoundError as error:
+            raise DatasetNotFoundError(f"{self.root} does not have the {name} layout "
+                                       f"(see ovdense.data.datasets): {error}") from error
         if not self.items:
-            raise FileNotFoundError(f"no {split} images of {name} found under {self.root}")
+            raise DatasetNotFoundError(f"no {split} images of {name} found under {self.root} "
+                                       f"(see the layouts in ovdense.data.datasets)")
+        missing = [path for pair in self.items for path in pair if not path.is_file()]
+        if missing:
+            raise DatasetNotFoundError(f"{len(missing)} files of the {split} split of {name} are missing: "
+                                       f"{', '.join(map(str, missing[:3]))}{' ...' if len(missing) > 3 else ''}")
         self.vocabulary = (builtin_vocabulary(self.spec.classnames) if self.spec.classnames
-                           else Vocabulary.from_file(self.root / "classes.txt"))
+                           else _vocabulary_file(self.root / "classes.txt"))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -140,7 +175,35 @@ class SegmentationDataset:
     def __getitem__(self, index: int) -> tuple[Path, np.ndarray]:
         """-> (image path, (H, W) int64 labels in 0..K-1 or 255)."""
         image, label = self.items[index]
-        if not label.is_file():
-            raise FileNotFoundError(f"label map {label} for {image.name} is missing")
-        with Image.open(label) as png:
-            return image, self.spec.decode(np.asarray(png))
+        try:
+            with Image.open(label) as png:
+                raw = np.asarray(png)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise InputError(f"{label}: not a readable label map ({error})") from error
+        if raw.ndim != 2:
+            raise InputError(f"{label}: a label map must have one channel of class indices, not shape {raw.shape}")
+        labels = self.spec.decode(raw)
+        bad = ((labels < 0) | (labels >= len(self.vocabulary))) & (labels != IGNORE_INDEX)
+        if bad.any():
+            values = np.unique(raw[bad])
+            listed = ", ".join(map(str, values[:10])) + (" ..." if len(values) > 10 else "")
+            raise InputError(f"{label}: values {listed} are neither labels of the {len(self.vocabulary)} "
+                             f"{self.name} classes nor {IGNORE_INDEX} (ignore)")
+        return image, labels
+
+    def check_size(self, index: int, image_size: tuple[int, int], labels: np.ndarray) -> None:
+        """Raise InputError unless the (H, W) labels of item `index` match its image's (H, W) as loaded."""
+        if tuple(labels.shape) != tuple(image_size):
+            image, label = self.items[index]
+            raise InputError(f"{label}: the label map is {labels.shape[1]}x{labels.shape[0]} (WxH) but its image "
+                             f"{image} is {image_size[1]}x{image_size[0]}; label maps must match their images")
+
+
+def _vocabulary_file(path: Path) -> Vocabulary:
+    """The class list of a `folder` dataset, with errors that name the file."""
+    if not path.is_file():
+        raise DatasetNotFoundError(f"the class list {path} does not exist; write one class name per line")
+    try:
+        return Vocabulary.from_file(path)
+    except ValueError as error:  # empty, duplicated names, not UTF-8
+        raise InputError(f"{path}: {error}") from error

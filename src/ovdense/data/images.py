@@ -1,78 +1,134 @@
-"""Reading images safely: any file PIL reads, any mode, EXIF orientation applied, size checked first."""
+"""Reading images safely: any file PIL reads, any mode, EXIF orientation applied, size checked first.
+
+Non-8-bit data is mapped to 0..255 as follows (anything else is refused with an ImageError, never clipped):
+  files   16-bit ('I;16*')            / 65535
+          32-bit integer ('I')         values within 0..255 as they are, within 0..65535 / 65535
+          32-bit float ('F')           values within [0, 1] x 255, within [0, 255] as they are
+          1-bit ('1')                  0 / 255
+  arrays  uint8 as it is, uint16 / 257, bool 0 / 255, other integers within 0..255 as they are,
+          float within [0, 1] x 255 (the usual convention for float images)
+"""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InputError
+
 MAX_PIXELS = 80_000_000  # a 10k x 8k image; larger ones are refused before decoding
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """The input is not a usable image."""
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> (H, W, 3) uint8 RGB; transparency is composited on white, 16-bit/float rescaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+def _gray_to_uint8(values: np.ndarray, integer: bool, name: str) -> np.ndarray:
+    """(H, W) 32-bit integer or float pixel values -> (H, W) uint8, by the ranges in the module docstring."""
+    low, high = float(values.min()), float(values.max())  # NaN propagates and fails both tests below
+    if integer and 0 <= low and high <= 65535:
+        scale = 1.0 if high <= 255 else 255 / 65535
+    elif not integer and 0 <= low and high <= 255:
+        scale = 255.0 if high <= 1 else 1.0
+    else:
+        expected = "integer values within 0..65535" if integer else "float values within [0, 1] or [0, 255]"
+        raise ImageError(f"{name}: expected {expected}, but they span [{low:g}, {high:g}]; "
+                         "convert it to an 8-bit image first")
+    return (values.astype(np.float64) * scale).round().astype(np.uint8)
+
+
+def _to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    """Any PIL mode -> (H, W, 3) uint8 RGB; transparency is composited on white, 16/32-bit rescaled."""
+    if image.mode.startswith("I;16"):
+        gray = (np.asarray(image, dtype=np.float64) * (255 / 65535)).round().astype(np.uint8)
+    elif image.mode in ("I", "F"):
+        gray = _gray_to_uint8(np.asarray(image), image.mode == "I", name)
+    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    else:
+        try:
+            return np.asarray(image.convert("RGB"))
+        except ValueError as error:  # e.g. LAB, which PIL cannot convert
+            raise ImageError(f"{name}: cannot convert PIL mode {image.mode} to RGB ({error})") from error
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _pil_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
+    """Check the size from the header, then decode (first frame), apply the EXIF orientation, convert."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"{name}: {width}x{height} is {width * height / 1e6:.0f} megapixels, over the limit of "
+                         f"{max_pixels / 1e6:.0f}; downscale it first or raise the limit")
+    if width == 0 or height == 0:
+        raise ImageError(f"{name}: the image is empty (0 pixels)")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt pixel data
+        raise ImageError(f"{name}: the pixel data is damaged or truncated ({error})") from error
+    return _to_rgb(ImageOps.exif_transpose(image), name)
 
 
 def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A path, PIL image or array -> (H, W, 3) uint8 RGB array.
 
-    Arrays may be (H, W), (H, W, 3) or (H, W, 4), uint8, uint16 or float in [0, 1].
-    Raises ImageError with the reason for unreadable, empty or over-large inputs.
+    Arrays may be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); dtypes and value ranges as in the module
+    docstring. Multi-frame files give their first frame. Raises ImageError, naming the file, for missing,
+    unreadable, damaged, empty or over-large inputs; an over-large file is refused from its header,
+    before any pixel is decoded. Limits above 2 x PIL.Image.MAX_IMAGE_PIXELS need that raised too.
     """
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, max_pixels)
     if isinstance(source, Image.Image):
-        image = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"{path}: no such file")
-        try:
-            image = Image.open(path)
-        except (UnidentifiedImageError, OSError) as error:
-            raise ImageError(f"{path}: not an image PIL can read ({error})") from error
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"{getattr(image, 'filename', 'image')}: {width}x{height} is {width * height / 1e6:.0f} "
-                         f"megapixels, over the limit of {max_pixels / 1e6:.0f}; downscale it first or raise the limit")
-    if width == 0 or height == 0:
-        raise ImageError("the image is empty (0 pixels)")
+        return _pil_to_rgb(source, getattr(source, "filename", "") or "the image", max_pixels)
+    path = Path(source)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not an image file")
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty (0 bytes)")
     try:
-        image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError) as error:  # truncated or corrupt pixel data
-        raise ImageError(f"{getattr(image, 'filename', 'image')}: the pixel data is damaged ({error})") from error
+        with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; our own limit speaks instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{path}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, too many to decode safely "
+                         f"(PIL: {error}); downscale it first") from error
+    except UnidentifiedImageError as error:
+        raise ImageError(f"{path}: not an image PIL can read ({error})") from error
+    except OSError as error:  # e.g. no read permission
+        raise ImageError(f"{path}: cannot be read ({error.strerror or error})") from error
+    with image:
+        return _pil_to_rgb(image, str(path), max_pixels)
 
 
 def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4) or 0 in array.shape[:2]:
-        raise ImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}")
+        raise ImageError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {array.shape}")
     if array.shape[0] * array.shape[1] > max_pixels:
         raise ImageError(f"the array has {array.shape[0] * array.shape[1] / 1e6:.0f} megapixels, over the limit")
     if array.dtype == np.uint16:
         array = (array.astype(np.float64) / 257.0).round().astype(np.uint8)
-    elif array.dtype.kind == "f":
-        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    elif array.dtype != np.uint8:
+    elif array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind not in "iuf":
         raise ImageError(f"unsupported image array dtype {array.dtype}")
-    return _to_rgb(Image.fromarray(array.squeeze(2) if array.shape[2] == 1 else array))
+    elif array.dtype != np.uint8:
+        low, high = float(array.min()), float(array.max())
+        integer = array.dtype.kind in "iu"
+        if not (0 <= low and high <= (255 if integer else 1)):
+            expected = "0..255" if integer else "[0, 1]"
+            raise ImageError(f"{array.dtype} image arrays must hold values within {expected}, but these span "
+                             f"[{low:g}, {high:g}]; rescale the array or pass uint8")
+        array = (array.astype(np.float64) * (1 if integer else 255)).round().astype(np.uint8)
+    return _to_rgb(Image.fromarray(array.squeeze(2) if array.shape[2] == 1 else array), "the array")
 
 
 def to_tensor(image: np.ndarray, mean, std, size: int | None = None) -> torch.Tensor:

@@ -101,8 +101,10 @@ class AugmentedSegmentation(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         path, label = self.dataset[index]
+        image = load_image(path)
+        self.dataset.check_size(index, image.shape[:2], label)
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.augment(load_image(path), label, rng, self.mean, self.std)
+        return self.augment(image, label, rng, self.mean, self.std)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sample(index, 0)

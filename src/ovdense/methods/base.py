@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import CLIPBackbone, load_clip
 from ..engine.trainer import load_trained_state, trained_state
+from ..errors import CheckpointError
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 
@@ -29,19 +30,25 @@ class DenseMethod(nn.Module):
     name = "method"
     scores = "cosine"
     mode: str | None = None
+    pamr_on_masks = False  # True: crop_logits runs PAMR on each crop's masks itself (protocol.pamr_at == 'mask')
 
     def __init__(self, backbone: CLIPBackbone):
         super().__init__()
         self.backbone = backbone
+
+    def score_kind(self, protocol) -> str:
+        """What crop_logits returns under `protocol`: 'cosine', 'logits' or 'probability'."""
+        return self.scores
 
     def embed_text(self, queries: list[str], templates: tuple[str, ...], cache: TextEmbeddingCache) -> torch.Tensor:
         """(Q,) names -> (Q, D) unit-norm text embeddings averaged over `templates`."""
         return cache.embed(self.backbone, queries, templates)
 
     # Trained methods keep their constructor arguments (besides the backbone) in `self.config`.
-    def save(self, path: str | Path) -> Path:
-        """Write the trained weights (not the frozen CLIP) and the constructor arguments as safetensors."""
-        return save_trained(self, path, self.config)
+    def save(self, path: str | Path, preset: str | None = None) -> Path:
+        """Write the trained weights (not the frozen CLIP), the constructor arguments and the recommended inference
+        preset (used when a user names none) as safetensors."""
+        return save_trained(self, path, self.config, preset)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None, **overrides):
@@ -49,14 +56,15 @@ class DenseMethod(nn.Module):
         trained weights. overrides: constructor arguments to change (e.g. kp_weight=0, inference='score_map')."""
         metadata, state = read_trained(path)
         if metadata["method"] != cls.name:
-            raise ValueError(f"{path} holds a {metadata['method']} model, not {cls.name}")
+            raise CheckpointError(f"{path} holds a {metadata['method']} model, not {cls.name}: pass "
+                                  f"--method {metadata['method']}")
         backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
         method = cls(backbone, **{**metadata["config"], **overrides})
         load_trained_state(method, state, str(path))
         return method.to(device).eval()
 
 
-def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:
+def save_trained(method: nn.Module, path: str | Path, config: dict, preset: str | None = None) -> Path:
     """Write the trainable weights and the buffers (e.g. BatchNorm statistics) of `method`, not its frozen
     CLIP weights, and how to rebuild it, as safetensors.
 
@@ -65,21 +73,36 @@ def save_trained(method: nn.Module, path: str | Path, config: dict) -> Path:
     state = {k: v.detach().float().contiguous() for k, v in trained_state(method).items()}
     backbone = method.backbone
     metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
-                "config": json.dumps(config)}
+                "config": json.dumps(config), **({"preset": preset} if preset else {})}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return Path(path)
 
 
 def read_trained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata with 'config' decoded, state dict) of a file written by `save_trained`."""
+    """(metadata with 'config' decoded, state dict) of a file written by `save_trained`.
+
+    Raises CheckpointError naming the file when it is missing, a folder, not a safetensors file (a pickle is
+    never unpickled), damaged, or a safetensors file without ovdense's method metadata.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pass the method checkpoint file (.safetensors) itself")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `ovdense train ...`")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        state = {key: handle.get_tensor(key) for key in handle.keys()}
-    if "method" not in metadata:
-        raise ValueError(f"{path} is not an ovdense method checkpoint (no 'method' in its metadata)")
-    metadata["config"] = json.loads(metadata.get("config", "{}"))
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `ovdense train ...`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable method checkpoint: it must be a complete safetensors "
+                              f"file written by `ovdense train` ({error})") from error
+    missing = [key for key in ("method", "model", "weights") if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{path} is not an ovdense method checkpoint (its metadata lacks "
+                              f"{', '.join(missing)}); CLIP weights go to --weights, not --checkpoint")
+    try:
+        metadata["config"] = json.loads(metadata.get("config", "{}"))
+    except ValueError as error:
+        raise CheckpointError(f"{path}: the method config in its metadata is not valid JSON ({error})") from error
     return metadata, state
