@@ -1,5 +1,7 @@
 """The training engine and the tiny-CLIP pre-training: schedule, data order, loss falls, exact resume."""
 import csv
+import os
+import stat
 
 import open_clip
 import pytest
@@ -8,6 +10,9 @@ import torch
 from ovdense.data.synthetic import SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
 from ovdense.engine.clip_pretrain import SyntheticCaptions, clip_loss
+from ovdense.engine.trainer import check_resume, read_checkpoint, seeded
+from ovdense.errors import CheckpointError, InputError
+from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
 
 
 def batch_indices(*args, **kwargs):
@@ -62,3 +67,137 @@ def test_resume_after_kill_gives_the_same_next_steps(tmp_path):
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# ------------------------------------------------------------------------------ settings, checkpoints, files
+def _linear_trainer(out, steps=4, run=None, fail_at=None, **config):
+    """A 2 -> 1 linear model on 8 fixed points: a Trainer that runs in milliseconds."""
+    with seeded(0):
+        model = torch.nn.Linear(2, 1)
+    data = torch.arange(16, dtype=torch.float32).view(8, 2) / 16
+
+    def loss_fn(wrapped, batch):
+        if fail_at is not None and trainer.step == fail_at:
+            raise KeyboardInterrupt("killed")
+        return {"loss": wrapped(batch).pow(2).mean()}
+
+    settings = dict(steps=steps, batch_size=4, lr=0.1, warmup_steps=0, log_every=1, checkpoint_every=2)
+    trainer = Trainer(model, loss_fn, data, TrainConfig(**{**settings, **config}), out, progress=False,
+                      run=run or {"method": "clip", "recipe": "a.yaml", "model": {"model": "linear"}})
+    return trainer
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"steps": 0}, "steps"), ({"steps": "ten"}, "steps"), ({"steps": 2.5}, "steps"), ({"steps": True}, "steps"),
+    ({"batch_size": 0}, "batch_size"), ({"batch_size": 6, "accumulate": 4}, "batch_size"),
+    ({"accumulate": 0}, "accumulate"), ({"lr": -1e-3}, "lr"), ({"lr": 0}, "lr"), ({"lr": "1e-4"}, "lr"),
+    ({"weight_decay": -1}, "weight_decay"), ({"warmup_steps": -1}, "warmup_steps"), ({"schedule": "linear"}, "schedule"),
+    ({"log_every": 0}, "log_every"), ({"checkpoint_every": 0}, "checkpoint_every"), ({"amp": "yes"}, "amp"),
+    ({"grad_clip": -1.0}, "grad_clip"), ({"lr_mult": {"backbone": -0.1}}, "lr_mult.backbone"),
+    ({"lr_mult": [0.1]}, "lr_mult"), ({"seed": -1}, "seed"), ({"num_workers": -2}, "num_workers")])
+def test_train_settings_are_checked_by_name(values, key):
+    with pytest.raises(InputError, match=rf"^{key}: "):
+        TrainConfig(**values)
+    with pytest.raises(InputError, match="stesp: unknown key.*did you mean `steps`"):
+        TrainConfig.from_dict({"stesp": 3})
+    assert TrainConfig(steps=1, batch_size=6, accumulate=3, lr=1, grad_clip=None, schedule="poly").steps == 1
+
+
+def test_a_checkpoint_of_another_method_or_model_is_refused(tmp_path):
+    _linear_trainer(tmp_path, steps=2).fit()
+    other = _linear_trainer(tmp_path, run={"method": "tcl", "model": {"model": "linear"}})
+    with pytest.raises(CheckpointError, match=r"last\.pt is a checkpoint of `ovdense train clip` \(recipe a\.yaml\), "
+                                              r"not of `ovdense train tcl`.*--restart.*--output"):
+        other.fit()
+    with pytest.raises(CheckpointError, match="last.pt is a checkpoint of `ovdense train clip`"):
+        check_resume(tmp_path, "denseclip")
+    check_resume(tmp_path, "clip")
+    changed = _linear_trainer(tmp_path, run={"method": "clip", "model": {"model": "other"}})
+    with pytest.raises(CheckpointError, match="another model.*'linear' there, 'other' now"):
+        changed.fit()
+    resumed = _linear_trainer(tmp_path, steps=3)
+    resumed.fit()
+    assert resumed.step == 3 and resumed.finished
+
+
+def test_unreadable_checkpoints_are_checkpoint_errors(tmp_path):
+    good = _linear_trainer(tmp_path / "good", steps=2)
+    good.fit()
+    data = (tmp_path / "good" / "last.pt").read_bytes()
+    damaged = {"empty": b"", "garbage": b"not a checkpoint at all\n" * 10, "truncated": data[:len(data) // 2]}
+    for name, content in damaged.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "last.pt").write_bytes(content)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"model": {}}, tmp_path / "partial.pt")
+    for name in ("list", "partial"):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"{name}.pt").rename(tmp_path / name / "last.pt")
+    for name in (*damaged, "list", "partial"):
+        with pytest.raises(CheckpointError, match=rf"{name}/last\.pt .*--restart") as error:
+            _linear_trainer(tmp_path / name).fit()
+        assert type(error.value) is CheckpointError, name
+        with pytest.raises(CheckpointError):
+            check_resume(tmp_path / name, "clip")
+        assert (tmp_path / name / "last.pt").is_file()  # left for the user to inspect
+    with pytest.raises(CheckpointError, match="not a file"):
+        read_checkpoint(tmp_path)
+
+
+def test_restart_replaces_the_old_checkpoint_only_once_a_new_one_is_written(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"the old run's checkpoint")
+    killed = _linear_trainer(tmp_path, steps=4, fail_at=1)  # dies before its first checkpoint (step 2)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(resume=False)
+    assert (tmp_path / "last.pt").read_bytes() == b"the old run's checkpoint"
+    restarted = _linear_trainer(tmp_path, steps=4)
+    restarted.fit(resume=False)
+    assert read_checkpoint(tmp_path / "last.pt")["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "new.txt", "x")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == 0o644
+        _linear_trainer(tmp_path / "run", steps=2).fit()
+        for name in ("last.pt", "metrics.csv"):
+            assert stat.S_IMODE(os.stat(tmp_path / "run" / name).st_mode) == 0o644
+        os.umask(0o077)
+        write_text_atomic(tmp_path / "private.txt", "x")
+        assert stat.S_IMODE(os.stat(tmp_path / "private.txt").st_mode) == 0o600
+        os.chmod(tmp_path / "new.txt", 0o640)  # a file that is replaced keeps its mode
+        write_text_atomic(tmp_path / "new.txt", "y")
+        assert stat.S_IMODE(os.stat(tmp_path / "new.txt").st_mode) == 0o640
+    finally:
+        os.umask(old)
+    with pytest.raises(RuntimeError):  # on error the target is untouched and the temporary file removed
+        with atomic_path(tmp_path / "new.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("disk full")
+    assert (tmp_path / "new.txt").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "private.txt", "run"]
+
+
+def test_nothing_is_written_inside_the_installed_package(tmp_path):
+    target = PACKAGE_DIR / "weights" / "should-never-exist.safetensors"
+    with pytest.raises(InputError, match="inside the installed ovdense package"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"x")
+    assert not target.exists()
+    assert inside_package(PACKAGE_DIR / "weights" / ".." / "x") and not inside_package(tmp_path / "ovdense")
+
+
+def test_seeded_builds_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with seeded(0):
+        a = torch.nn.Linear(4, 4).weight.detach().clone()
+    with seeded(0):
+        b = torch.nn.Linear(4, 4).weight.detach().clone()
+    with seeded(1):
+        c = torch.nn.Linear(4, 4).weight.detach().clone()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.rand(3), expected)

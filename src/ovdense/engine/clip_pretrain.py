@@ -16,7 +16,10 @@ from ..data.images import to_tensor
 from ..data.synthetic import COLOURS, SyntheticWorld
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
-from .trainer import TrainConfig, Trainer
+from . import checks
+from .checks import within
+from .recipe import check_export, check_model_name, check_world, run_paths, validated
+from .trainer import TrainConfig, Trainer, check_resume, seeded
 
 
 def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:
@@ -112,7 +115,14 @@ def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int =
 
 @dataclass
 class PretrainConfig:
-    """A tiny-CLIP recipe (YAML): architecture, world, data size, training settings, export path."""
+    """A tiny-CLIP recipe (YAML): architecture, world, data size, training settings, export path.
+
+    model: an open_clip architecture, trained from random weights (initialised from train.seed).
+    world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
+        per scene; close_ups: fraction of items that are one-object close-ups; eval_scenes: val scenes scored.
+    train: TrainConfig fields. export: where the final fp16 weights go (safetensors); a relative path is in the
+        run's output folder; default OUT/MODEL.safetensors. Never inside the installed package.
+    """
 
     model: str = "ovdense-tiny-vit"
     world: dict = field(default_factory=lambda: {"size": 64, "seed": 0, "max_objects": 3})
@@ -122,16 +132,48 @@ class PretrainConfig:
     eval_scenes: int = 200
     train: dict = field(default_factory=dict)
     export: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)  # the YAML file (set by load_recipe)
+
+    def validate(self) -> None:
+        """Check every key and value (InputError naming the key); nothing is built."""
+        check_model_name(self.model)
+        check_world(self.world)
+        checks.integer("scenes", self.scenes, minimum=1)
+        checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
+        checks.number("close_ups", self.close_ups, minimum=0, maximum=1)
+        checks.integer("eval_scenes", self.eval_scenes, minimum=1)
+        self.train_config()
+        check_export(self.export)
+
+    def train_config(self) -> TrainConfig:
+        train = checks.mapping("train", self.train if self.train is not None else {})
+        with within("train."):
+            return TrainConfig.from_dict(train)
+
+
+def build_clip(config: PretrainConfig) -> torch.nn.Module:
+    """`config.model` with random weights drawn from train.seed: the same recipe starts from the same weights."""
+    with seeded(config.train_config().seed):
+        return open_clip.create_model(config.model, pretrained=None)
 
 
 def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = True,
-                  max_steps: int | None = None, progress: bool = True) -> tuple[CLIPBackbone, dict]:
-    """Train `config.model` from random weights on synthetic captions; returns the backbone and final zero-shot scores.
+                  max_steps: int | None = None, progress: bool = True
+                  ) -> tuple[CLIPBackbone, dict, Path | None]:
+    """Train `config.model` from random weights on synthetic captions; returns the backbone, its zero-shot scores
+    and the exported weights file.
 
-    With `config.export`, the final weights are written there as fp16 safetensors.
+    The final weights are written (fp16 safetensors) to `config.export` (relative: in out_dir) only once training
+    has reached train.steps; a run stopped early by `max_steps` exports nothing (None) and resumes from
+    out_dir/last.pt.
     """
-    world = SyntheticWorld(**config.world)
-    model = open_clip.create_model(config.model, pretrained=None)
+    validated(config)
+    out_dir, export = run_paths(out_dir, config.export, f"{config.model}.safetensors")
+    if resume:
+        check_resume(out_dir, "clip")
+    train_config = config.train_config()
+    world = SyntheticWorld(**(config.world or {}))
+    model = build_clip(config)
     tokenizer = open_clip.get_tokenizer(config.model)
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
     data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups)
@@ -143,14 +185,16 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     def evaluate(_model):
         return zero_shot_crops(backbone, world, config.eval_scenes)
 
-    train_config = TrainConfig(**config.train)
+    run = {"method": "clip", "recipe": config.source, "model": {"model": config.model}}
     trainer = Trainer(model, clip_loss, data, train_config, out_dir, collate=collate, evaluate=evaluate,
-                      device=device, progress=progress)
+                      device=device, progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
     model.eval()
     scores = evaluate(model)
-    if config.export and trainer.rank == 0:
-        with atomic_path(config.export) as tmp:
+    if not trainer.finished:
+        return backbone, scores, None
+    if trainer.rank == 0:
+        with atomic_path(export) as tmp:
             save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                       metadata={"model": config.model, "steps": str(trainer.step)})
-    return backbone, scores
+    return backbone, scores, export

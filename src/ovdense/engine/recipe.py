@@ -1,28 +1,168 @@
-"""What the training recipes of the methods share: YAML loading, the synthetic-world data they can
-ask for, and evaluation of the model being trained on a segmentation dataset."""
+"""What the training recipes of the methods share: YAML loading and checking, the CLIP they start from, the
+synthetic-world data they can ask for, evaluation of the model being trained on a segmentation dataset, and
+where a run writes.
+
+Every recipe is checked completely by `load_recipe` (and again by the `train_*` functions) before any data is
+exported or any model is loaded; a mistake is an `InputError` naming the file and the key, e.g.
+"configs/x.yaml: train.steps: must be an integer >= 1, got 0".
+
+Paths in a recipe: outputs (`export`) that are relative go into the run's output folder; data paths
+(`data.sources`, `data.root`, `data.synthesize.root`, `eval.root`) are relative to the current directory,
+as data paths on a command line are. Nothing is ever written inside the installed ovdense package.
+"""
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
+import open_clip
 import yaml
 
-from ..data import SegmentationDataset
+from ..backbones.loading import PACKAGED_WEIGHTS, RANDOM_WEIGHTS
+from ..data import DATASETS, SegmentationDataset
 from ..data.export import export_world
 from ..data.synthetic import SyntheticWorld
+from ..errors import InputError
+from ..io import outside_package
 from ..predictor import SegmentationPredictor
+from ..presets import PRESETS
+from . import checks
+from .checks import within
+
+SYNTHESIZE_DEFAULTS = {"size": 64, "seed": 0, "max_objects": 3, "train": 1000, "val": 100}
+EVAL_KEYS = ("dataset", "root", "split", "limit", "preset")
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) or key is None:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The top-level mapping of the YAML file `path`; a missing file, a folder, a syntax error (with its line) or
+    a top level that is not a mapping is an InputError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a YAML recipe; pass a file such as configs/tcl_tiny_synthetic.yaml")
+    if not path.is_file():
+        raise InputError(f"recipe {path} does not exist (recipes are YAML files, see configs/)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot be read as a UTF-8 text file ({error})") from error
+    try:
+        values = yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        context = getattr(error, "context", None)
+        raise InputError(f"{path}: not valid YAML{where}: {problem}" + (f" ({context})" if context else "")) from error
+    if values is None:
+        raise InputError(f"{path}: the recipe is empty")
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: the top level of a recipe must be a mapping of keys (model, train, ...) to "
+                         f"values, not a {type(values).__name__}")
+    return values
 
 
 def load_recipe(cls, path: str | Path):
-    """Build dataclass `cls` from a YAML file; unknown keys are an error naming the known ones."""
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a {cls.__name__} has {sorted(known)}")
-    return cls(**values)
+    """Build recipe dataclass `cls` from a YAML file and check all of it (`cls.validate`), keys at every depth
+    and values, before anything runs; every mistake is an InputError naming the file and the key."""
+    values = read_yaml(path)
+    known = [f.name for f in fields(cls) if f.name != "source"]
+    with within(f"{path}: "):
+        checks.known_keys(values, known, f"a {cls.__name__} recipe")
+        recipe = cls(**values, source=str(path))
+        recipe.validate()
+    return recipe
+
+
+def validated(recipe) -> None:
+    """Check a recipe built in Python (or changed after loading) as `load_recipe` checks a file."""
+    with within(f"{recipe.source or type(recipe).__name__}: "):
+        recipe.validate()
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+def check_model_name(model) -> str:
+    checks.text("model", model)
+    if not model.startswith(("hf-hub:", "local-dir:")) and model not in open_clip.list_models():
+        raise InputError(f"model: unknown CLIP architecture {model!r}{checks.suggest(model, open_clip.list_models())}; "
+                         "`ovdense models` lists them")
+    return model
+
+
+def check_clip(model, weights) -> None:
+    """`model` names an open_clip architecture and `weights` a source of its weights that could be there: a
+    packaged file (present), 'random[:SEED]', an existing file, or a pretrained tag of that architecture."""
+    check_model_name(model)
+    checks.text("weights", weights)
+    if model.startswith(("hf-hub:", "local-dir:")):
+        return
+    if (model, weights) in PACKAGED_WEIGHTS:
+        path = PACKAGED_WEIGHTS[(model, weights)][0]
+        if not path.is_file():
+            raise InputError(f"weights: the packaged weights {path} are missing from this installation")
+    elif weights == RANDOM_WEIGHTS or re.fullmatch(rf"{RANDOM_WEIGHTS}:\d+", weights):
+        return
+    elif Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in weights:
+        if not Path(weights).expanduser().is_file():
+            raise InputError(f"weights: the file {weights} does not exist")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model) + [t for n, t in PACKAGED_WEIGHTS if n == model]
+        if weights not in tags:
+            raise InputError(f"weights: {weights!r} is neither a file nor a pretrained tag of {model}"
+                             f"{checks.suggest(weights, tags)}; its tags: {', '.join(tags) or 'none'}, or 'random'")
+
+
+# ------------------------------------------------------------------------------------- synthetic data
+def check_world(values, key: str = "world") -> dict:
+    """SyntheticWorld arguments {size, seed, max_objects}."""
+    values = checks.arguments(values, SyntheticWorld.__init__, key)
+    with within(f"{key}."):
+        checks.integer("size", values.get("size", 96), minimum=16)
+        checks.integer("seed", values.get("seed", 0), minimum=0)
+        checks.integer("max_objects", values.get("max_objects", 4), minimum=1)
+    return values
+
+
+def check_synthesize(spec) -> dict:
+    """{root, size, seed, max_objects, train, val}: the synthetic world to export to `root` (relative to the
+    current directory, never inside the package); returns it with the defaults filled in."""
+    spec = checks.mapping("synthesize", spec)
+    with within("synthesize."):
+        checks.known_keys(spec, ["root", *SYNTHESIZE_DEFAULTS], "synthesize")
+        root = checks.text("root", checks.required(spec, "root", "synthesize (the folder the world is written to)"))
+        outside_package(root, "root (the synthetic world is written there)")
+        spec = {**SYNTHESIZE_DEFAULTS, **spec}
+        checks.integer("size", spec["size"], minimum=16)
+        checks.integer("seed", spec["seed"], minimum=0)
+        checks.integer("max_objects", spec["max_objects"], minimum=1)
+        checks.integer("train", spec["train"], minimum=0)
+        checks.integer("val", spec["val"], minimum=0)
+        if not spec["train"] and not spec["val"]:
+            raise InputError("train, val: both are 0; nothing would be synthesized")
+    return spec
 
 
 def ensure_synthetic(spec: dict | None, progress: bool = True) -> None:
@@ -30,31 +170,86 @@ def ensure_synthetic(spec: dict | None, progress: bool = True) -> None:
     `root` already holds that export."""
     if not spec:
         return
-    spec = {"size": 64, "seed": 0, "max_objects": 3, "train": 1000, "val": 100, **spec}
+    spec = check_synthesize(spec)
     root = Path(spec["root"])
     splits = {"train": spec["train"], "val": spec["val"]}
     info_path = root / "world.json"
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if (info["seed"], info["size"][0], info["max_objects"], info["splits"]) == (
-                spec["seed"], spec["size"], spec["max_objects"], splits):
-            return
+        try:
+            info = json.loads(info_path.read_text())
+            if (info["seed"], info["size"][0], info["max_objects"], info["splits"]) == (
+                    spec["seed"], spec["size"], spec["max_objects"], splits):
+                return
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass  # not an export of ours (or an old one): export again
     world = SyntheticWorld(spec["size"], seed=spec["seed"], max_objects=spec["max_objects"])
     export_world(world, root, splits, progress=progress)
 
 
+# ------------------------------------------------------------------------------------------- evaluation
+def check_eval(spec) -> None:
+    """{dataset, root, split, limit, preset}: the segmentation dataset evaluated during training."""
+    if spec is None:
+        return
+    checks.mapping("eval", spec)
+    with within("eval."):
+        checks.known_keys(spec, EVAL_KEYS, "eval")
+        checks.choice("dataset", checks.required(spec, "dataset", "eval"), DATASETS)
+        checks.text("root", checks.required(spec, "root", "eval"))
+        checks.text("split", spec.get("split", "val"))
+        if spec.get("limit") is not None:
+            checks.integer("limit", spec["limit"], minimum=1)
+        checks.choice("preset", spec.get("preset", "default"), PRESETS)
+
+
+def segmentation_dataset(key: str, name: str, root, split: str) -> SegmentationDataset:
+    """The dataset of recipe section `key` ('data', 'eval'); a missing or malformed one is an InputError."""
+    try:
+        return SegmentationDataset(name, root, split)
+    except (OSError, ValueError) as error:
+        if isinstance(error, InputError):
+            raise type(error)(f"{key}: {error}") from error
+        raise InputError(f"{key}: {error}") from error
+
+
 def segmentation_evaluator(spec: dict | None, method_of: Callable) -> Callable | None:
-    """An `evaluate(model) -> {'mIoU': ...}` for the Trainer, from {dataset, root, split, limit, preset}.
+    """An `evaluate(model) -> {'mIoU': ...}` for the Trainer, from {dataset, root, split, limit, preset}; the
+    dataset is opened now (so that a missing one is found before training).
 
     method_of(model): the segmentation method inside the trained model.
     """
     if not spec:
         return None
+    check_eval(spec)
     from ..eval import evaluate_segmentation
-    dataset = SegmentationDataset(spec["dataset"], spec["root"], spec.get("split", "val"))
+    dataset = segmentation_dataset("eval", spec["dataset"], spec["root"], spec.get("split", "val"))
 
     def evaluate(model) -> dict[str, float]:
         predictor = SegmentationPredictor(method_of(model), spec.get("preset", "default"), dataset=spec["dataset"])
         metrics = evaluate_segmentation(predictor, dataset, limit=spec.get("limit"), progress=False)
         return {"mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"]}
     return evaluate
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def check_export(export) -> None:
+    if export is not None:
+        checks.text("export", export)
+
+
+def run_paths(out_dir: str | Path, export: str | Path | None, default_name: str) -> tuple[Path, Path]:
+    """(output folder, export file) of a run: a relative `export` (else `default_name`) goes into the output folder.
+
+    Either inside the installed ovdense package, the output folder being a file or the export a folder, is an
+    InputError (checked before anything is written).
+    """
+    out_dir = outside_package(out_dir, "output folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output folder: {out_dir} is a file, not a folder")
+    export = Path(export or default_name).expanduser()
+    if not export.is_absolute():
+        export = out_dir / export
+    outside_package(export, "export")
+    if export.is_dir():
+        raise InputError(f"export: {export} is a folder; give the file the weights go to (.safetensors)")
+    return out_dir, export

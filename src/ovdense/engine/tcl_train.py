@@ -4,28 +4,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import open_clip
 import torch
 
 from ..backbones import load_clip
-from ..data.captions import ImageTextDataset
+from ..data.captions import ImageTextDataset, expand_sources
+from ..errors import InputError
 from ..methods.tcl import TCL, TCLLossWeights
-from .recipe import ensure_synthetic, segmentation_evaluator
-from .trainer import TrainConfig, Trainer
+from . import checks
+from .checks import within
+from .recipe import (check_clip, check_eval, check_export, check_synthesize, ensure_synthetic, run_paths,
+                     segmentation_evaluator, validated)
+from .trainer import TrainConfig, Trainer, check_resume, seeded
+
+
+TCL_DATA_KEYS = ("sources", "text", "image_size", "scale", "synthesize")
 
 
 @dataclass
 class TCLRecipe:
     """A TCL training recipe (YAML).
 
-    model, weights: the frozen CLIP (open_clip name and tag / file).
+    model, weights: the frozen CLIP (open_clip name and tag / file); a ViT.
     method: TCL constructor arguments; loss: TCLLossWeights fields.
     decoder_only_steps: the first steps train the decoder only, not the copied last block (the
         paper's 30k of 50k).
-    data: sources (CSV / JSONL / tar patterns), text ('caption' or 'phrase'), image_size, scale
-        (random-resized-crop area range), and optionally synthesize ({root, size, seed, max_objects,
-        train, val}: export the synthetic world there first).
+    data: sources (CSV / JSONL / tar patterns, one or a list), text ('caption' or 'phrase'), image_size,
+        scale (random-resized-crop area range, 0 < low <= high <= 1), and optionally synthesize ({root, size,
+        seed, max_objects, train, val}: export the synthetic world there first). Paths are relative to the
+        current directory.
     eval: {dataset, root, split, limit, preset} evaluated every train.eval_every steps.
-    export: where the trained grounder goes (safetensors); default OUT/tcl.safetensors.
+    train: TrainConfig fields; train.seed also draws the grounder's initial weights.
+    export: where the trained grounder goes (safetensors); relative: in the run's output folder; default
+        OUT/tcl.safetensors.
     """
 
     model: str = "ViT-B-16"
@@ -37,6 +48,54 @@ class TCLRecipe:
     eval: dict | None = None
     train: dict = field(default_factory=dict)
     export: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)  # the YAML file (set by load_recipe)
+
+    def validate(self) -> None:
+        """Check every key and value (InputError naming the key); nothing is built or read."""
+        check_clip(self.model, self.weights)
+        vision = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {})
+        if isinstance(vision.get("layers"), (list, tuple)):
+            raise InputError(f"model: TCL grounds ViT patch tokens; {self.model} is a ResNet CLIP. Use a ViT CLIP.")
+        method = checks.arguments(self.method, TCL.__init__, "method", exclude=("self", "backbone"))
+        with within("method."):
+            checks.integer("decoder_layers", method.get("decoder_layers", 2), minimum=0)
+            checks.integer("kernel_size", method.get("kernel_size", 3), minimum=1)
+            if method.get("kernel_size", 3) % 2 == 0:
+                raise InputError(f"kernel_size: must be odd (the maps keep their size), got {method['kernel_size']}")
+            checks.number("gumbel_tau", method.get("gumbel_tau", 1.0), positive=True)
+            checks.number("kp_weight", method.get("kp_weight", 0.3), minimum=0, maximum=1)
+        loss = checks.arguments(self.loss, TCLLossWeights, "loss")
+        with within("loss."):
+            for key, value in loss.items():
+                checks.number(key, value, minimum=0)
+        checks.integer("decoder_only_steps", self.decoder_only_steps, minimum=0)
+        data = checks.mapping("data", self.data)
+        with within("data."):
+            checks.known_keys(data, TCL_DATA_KEYS, "the data section of a TCL recipe")
+            sources = checks.required(data, "sources", "a TCL recipe (caption files or shards)")
+            if not isinstance(sources, (str, list)) or not sources:
+                raise InputError(f"sources: must be a path or a non-empty list of paths, got {sources!r}")
+            for i, source in enumerate([sources] if isinstance(sources, str) else sources):
+                checks.text(f"sources[{i}]", source)
+            checks.choice("text", data.get("text", "caption"), ("caption", "phrase"))
+            if "image_size" in data:
+                checks.integer("image_size", data["image_size"], minimum=1)
+            checks.pair("scale", data.get("scale", (0.5, 1.0)),
+                        lambda key, v: checks.number(key, v, positive=True, maximum=1), ordered=True)
+            if data.get("synthesize") is not None:
+                check_synthesize(data["synthesize"])
+        check_eval(self.eval)
+        self.train_config()
+        check_export(self.export)
+
+    def train_config(self) -> TrainConfig:
+        train = checks.mapping("train", self.train if self.train is not None else {})
+        with within("train."):
+            return TrainConfig.from_dict(train)
+
+    def sources(self) -> list[str]:
+        sources = self.data["sources"]
+        return [sources] if isinstance(sources, str) else list(sources)
 
 
 def _collate(items):
@@ -44,31 +103,62 @@ def _collate(items):
     return torch.stack(images), list(texts)
 
 
+def build_tcl(recipe: TCLRecipe, backbone) -> TCL:
+    """The TCL grounder over `backbone`, its new layers drawn from train.seed."""
+    with seeded(recipe.train_config().seed):
+        return TCL(backbone, **(recipe.method or {}))
+
+
+def _check_sources(recipe: TCLRecipe) -> None:
+    """Every caption file / shard of data.sources exists (after synthesize), before the CLIP is loaded."""
+    for source in recipe.sources():
+        try:
+            if not expand_sources(source):
+                raise FileNotFoundError(f"no file matches {source}")
+        except (OSError, ValueError) as error:
+            raise InputError(f"{recipe.source or 'TCLRecipe'}: data.sources: {error}") from error
+
+
 def train_tcl(recipe: TCLRecipe, out_dir: str | Path, device: str = "cpu", resume: bool = True,
-              max_steps: int | None = None, progress: bool = True) -> tuple[TCL, Path]:
-    """Train, then save the grounder; returns the model and the path of the saved grounder."""
-    ensure_synthetic(recipe.data.get("synthesize"), progress)
+              max_steps: int | None = None, progress: bool = True) -> tuple[TCL, Path | None]:
+    """Train, then save the grounder; returns the model and the path of the saved grounder.
+
+    The recipe is checked first; its data is synthesized and found before the CLIP is loaded. A run stopped by
+    `max_steps` before train.steps saves nothing (the path is None): it resumes from out_dir/last.pt.
+    """
+    validated(recipe)
+    out_dir, export = run_paths(out_dir, recipe.export, "tcl.safetensors")
+    if resume:
+        check_resume(out_dir, "tcl")
+    config = recipe.train_config()
+    with within(f"{recipe.source or 'TCLRecipe'}: data."):
+        ensure_synthetic(recipe.data.get("synthesize"), progress)
+    _check_sources(recipe)
+    with within(f"{recipe.source or 'TCLRecipe'}: "):
+        evaluate = segmentation_evaluator(recipe.eval, lambda m: m.tcl)
     backbone = load_clip(recipe.model, recipe.weights, device=device)
-    model = TCL(backbone, **recipe.method)
+    model = build_tcl(recipe, backbone)
     size = recipe.data.get("image_size", backbone.visual.image_size[0])
-    dataset = ImageTextDataset(recipe.data["sources"], size, backbone.image_mean, backbone.image_std,
+    dataset = ImageTextDataset(recipe.sources(), size, backbone.image_mean, backbone.image_std,
                                text=recipe.data.get("text", "caption"), scale=recipe.data.get("scale", (0.5, 1.0)),
-                               progress=progress)
-    weights = TCLLossWeights(**recipe.loss)
+                               seed=config.seed, progress=progress)
+    weights = TCLLossWeights(**(recipe.loss or {}))
     trainer = None
 
     def loss_fn(wrapped, batch):
         images, texts = batch
         return wrapped(images, texts, weights, train_block=trainer.step >= recipe.decoder_only_steps)
 
-    config = TrainConfig(**recipe.train)
-    trainer = Trainer(_Losses(model), loss_fn, dataset, config, out_dir, collate=_collate,
-                      evaluate=segmentation_evaluator(recipe.eval, lambda m: m.tcl), device=device, progress=progress,
-                      find_unused_parameters=recipe.decoder_only_steps > 0)
+    run = {"method": "tcl", "recipe": recipe.source,
+           "model": {"model": recipe.model, "weights": recipe.weights, "method": model.config}}
+    trainer = Trainer(_Losses(model), loss_fn, dataset, config, out_dir, collate=_collate, evaluate=evaluate,
+                      device=device, progress=progress, find_unused_parameters=recipe.decoder_only_steps > 0,
+                      run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
-    export = Path(recipe.export or Path(out_dir) / "tcl.safetensors")
+    if not trainer.finished:
+        return model.eval(), None
     if trainer.rank == 0:
-        model.save(export)
+        model.save(export, preset=(recipe.eval or {}).get("preset"))
     return model.eval(), export
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -19,7 +20,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..distributed import init_distributed
+from ..errors import CheckpointError, InputError
 from ..io import atomic_path
+from . import checks
+
+SCHEDULES = ("cosine", "poly")
 
 
 @dataclass
@@ -45,6 +50,32 @@ class TrainConfig:
     num_workers: int = 0
     schedule: str = "cosine"
     lr_mult: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Every setting is checked here, by name: a recipe's mistake is found before any data or model work."""
+        for key in ("steps", "batch_size", "accumulate", "log_every", "checkpoint_every"):
+            checks.integer(key, getattr(self, key), minimum=1)
+        for key in ("warmup_steps", "eval_every", "num_workers", "seed"):
+            checks.integer(key, getattr(self, key), minimum=0)
+        checks.number("lr", self.lr, positive=True)
+        checks.number("weight_decay", self.weight_decay, minimum=0)
+        checks.boolean("amp", self.amp)
+        if self.grad_clip is not None:
+            checks.number("grad_clip", self.grad_clip, minimum=0)
+        if self.batch_size % self.accumulate:
+            raise InputError(f"batch_size: {self.batch_size} is not divisible by accumulate ({self.accumulate}); "
+                             "each step takes batch_size / accumulate samples per micro-batch")
+        checks.choice("schedule", self.schedule, SCHEDULES)
+        for prefix, mult in checks.mapping("lr_mult", self.lr_mult).items():
+            checks.text("lr_mult (a parameter-name prefix)", prefix)
+            checks.number(f"lr_mult.{prefix}", mult, minimum=0)
+
+    @classmethod
+    def from_dict(cls, values) -> "TrainConfig":
+        """From a recipe's `train` mapping; an unknown key is an error suggesting the closest known one."""
+        values = checks.mapping("train", values if values is not None else {})
+        checks.known_keys(values, [f.name for f in fields(cls)], "a train section (TrainConfig)")
+        return cls(**values)
 
 
 def batch_positions(step: int, micro: int, config: TrainConfig, size: int, rank: int = 0, world: int = 1
@@ -79,9 +110,70 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source:
     missing = sorted(set(trained_state(model)) - set(state))
     unexpected = sorted(set(state) - set(model.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{source} does not fit this {type(model).__name__}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    model.load_state_dict(state, strict=False)
+        raise CheckpointError(f"{source} does not fit this {type(model).__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes: another model size
+        raise CheckpointError(f"{source} does not fit this {type(model).__name__}: {error}") from error
+
+
+_ELSEWHERE = "start afresh with --restart (the file is replaced once the new run checkpoints) or train into another --output"
+_CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "step")
+
+
+def read_checkpoint(path: str | Path, device="cpu", mmap: bool = False) -> dict:
+    """The training state in `path` (torch.load with weights_only=True); anything else is a CheckpointError.
+
+    mmap: map the tensors instead of reading them (a cheap look at what the checkpoint is)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file; a training checkpoint (last.pt) was expected there")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not a training checkpoint (a write was cut short?); {_ELSEWHERE}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as error:  # torch.load raises many types for damaged files: pickle, zip, EOF, Runtime, ...
+        raise CheckpointError(f"{path} cannot be read as a training checkpoint (damaged or truncated? "
+                              f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                              f"{_ELSEWHERE}") from error
+    if not isinstance(state, dict) or not all(k in state for k in _CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} is not an ovdense training checkpoint (it lacks "
+                              f"{', '.join(k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state)}"
+                              f"); {_ELSEWHERE}")
+    return state
+
+
+def check_same_run(path: Path, saved: dict, current: dict) -> None:
+    """The checkpoint's run (method, model settings) is the one being trained; a checkpoint from before runs were
+    recorded passes (its weights are still checked against the model)."""
+    method, other = current.get("method"), saved.get("method")
+    recipe = f" (recipe {saved['recipe']})" if saved.get("recipe") else ""
+    if method and other and method != other:
+        raise CheckpointError(f"{path} is a checkpoint of `ovdense train {other}`{recipe}, not of "
+                              f"`ovdense train {method}`; {_ELSEWHERE}")
+    model, other_model = current.get("model"), saved.get("model")
+    if model is not None and other_model is not None and model != other_model:
+        keys = sorted(k for k in set(model) | set(other_model) if model.get(k) != other_model.get(k))
+        changes = ", ".join(f"{k}: {other_model.get(k)!r} there, {model.get(k)!r} now" for k in keys[:4])
+        raise CheckpointError(f"{path} was written by a run of another model{recipe} ({changes}); {_ELSEWHERE}")
+
+
+def check_resume(out_dir: str | Path, method: str) -> None:
+    """Before any data or model work: the checkpoint a run would resume from (out_dir/last.pt), if there, must be
+    a readable training checkpoint of `method`; else a CheckpointError (the file is left as it is)."""
+    path = Path(out_dir) / "last.pt"
+    if path.exists():
+        check_same_run(path, read_checkpoint(path, mmap=True).get("run") or {}, {"method": method})
+
+
+@contextmanager
+def seeded(seed: int):
+    """Run the block (e.g. building a model) with the global RNG seeded by `seed`, then restore the RNG: the
+    initial weights are a function of the recipe's seed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -99,14 +191,15 @@ class Trainer:
 
     loss_fn returns a dict of scalar tensors; all are logged, 'loss' is optimised.
     collate: turns a list of dataset items into a batch. evaluate(model) -> dict of numbers, logged.
-    Files in out_dir: last.pt (checkpoint, written atomically), metrics.csv, config.
+    run: what this training is, recorded in last.pt and checked on resume: {'method': 'tcl', 'recipe': path,
+        'model': {settings that define the model}}; a checkpoint of another method or model is a CheckpointError.
+    Files in out_dir: last.pt (checkpoint, written atomically), metrics.csv.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, dataset, config: TrainConfig, out_dir: str | Path,
                  collate: Callable | None = None, evaluate: Callable | None = None, device: str = "cpu",
-                 progress: bool = True, find_unused_parameters: bool = False):
-        if config.batch_size % config.accumulate:
-            raise ValueError("batch_size must be a multiple of accumulate")
+                 progress: bool = True, find_unused_parameters: bool = False, run: dict | None = None):
+        self.run = dict(run or {})
         self.rank, self.world = init_distributed()
         if str(device) == "cuda" and self.world > 1:  # one GPU per torchrun process
             device = f"cuda:{os.environ.get('LOCAL_RANK', self.rank)}"
@@ -131,27 +224,42 @@ class Trainer:
         self.step = 0
 
     @property
+    def finished(self) -> bool:
+        """Whether training has reached config.steps (a run stopped by max_steps has not)."""
+        return self.step >= self.config.steps
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.out_dir / "last.pt"
 
     def save(self) -> None:
-        """Write trained weights, optimizer, scaler and step to last.pt atomically (rank 0 only)."""
+        """Write trained weights, optimizer, scaler, step and what the run is to last.pt atomically (rank 0 only)."""
         if self.rank != 0:
             return
         state = {"model": trained_state(self.model), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "step": self.step, "config": asdict(self.config)}
+                 "scaler": self.scaler.state_dict(), "step": self.step, "config": asdict(self.config),
+                 "run": self.run}
         with atomic_path(self.checkpoint_path) as tmp:
             torch.save(state, tmp)
 
     def load(self) -> bool:
-        """Resume from last.pt if it exists; returns whether it did."""
-        if not self.checkpoint_path.is_file():
+        """Resume from last.pt if it exists; returns whether it did.
+
+        A file that is not a training checkpoint (empty, truncated, damaged, something else) or the checkpoint of
+        another method or model raises CheckpointError; the old file is left untouched.
+        """
+        path = self.checkpoint_path
+        if not path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
-        load_trained_state(self.model, state["model"], f"{self.checkpoint_path} (use another output folder or restart)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
+        state = read_checkpoint(path, self.device)
+        check_same_run(path, state.get("run") or {}, self.run)
+        try:
+            load_trained_state(self.model, state["model"], str(path))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{path} does not fit the model being trained ({error}); {_ELSEWHERE}") from error
+        self.step = int(state["step"])
         return True
 
     def _log(self, row: dict) -> None:
