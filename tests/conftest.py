@@ -1,8 +1,14 @@
 """Shared fixtures: tiny open_clip architectures (random weights) so every test runs offline in seconds."""
+import atexit
 import json
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The on-disk text-embedding cache of the whole session: a fresh folder, never the user's ~/.cache/ovdense.
+os.environ["OVDENSE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ovdense-test-cache-")
+atexit.register(shutil.rmtree, os.environ["OVDENSE_CACHE_DIR"], ignore_errors=True)
 
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
