@@ -1,9 +1,10 @@
 """Sliding windows, PAMR, key smoothing and the SegmentationPredictor end to end."""
 import numpy as np
+import torch.nn.functional as F
 import pytest
 import torch
 
-from ovdense.methods import MaskCLIP, key_smoothing
+from ovdense.methods import MaskCLIP, refine_output
 from ovdense.ops import PAMR, merge_windows, short_side_size, sliding_windows
 from ovdense.predictor import SegmentationPredictor
 from ovdense.presets import PRESETS, Protocol
@@ -59,8 +60,8 @@ def test_pamr_keeps_constant_masks_and_snaps_to_image_edges():
 def test_key_smoothing_replaces_only_unsure_positions():
     cosine = torch.tensor([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5]]).view(1, 2, 1, 3)  # third position undecided
     keys = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.1]]).view(1, 2, 1, 3)  # and its key is like the first
-    smoothed = key_smoothing(cosine, keys, threshold=0.9)
-    torch.testing.assert_close(smoothed[..., :2], cosine[..., :2])
+    smoothed = refine_output(cosine, keys, smooth=0.9)
+    torch.testing.assert_close(smoothed[..., :2], (100 * cosine[..., :2]).softmax(dim=1))  # confidences
     assert smoothed[0, 0, 0, 2] > smoothed[0, 1, 0, 2]  # it now leans to the class of the first position
 
 
@@ -81,7 +82,8 @@ def test_sliding_window_equals_whole_image_when_the_window_covers_it(tiny_vit, s
 
 def test_prediction_at_original_resolution(predictor, scene):
     result = predictor(scene, "red thing, blue thing; navy thing")
-    assert result.labels.shape == scene.shape[:2] and result.scores.shape == (2, 96, 128)
+    # labels at the image's size, scores at the working size (short side 64)
+    assert result.labels.shape == scene.shape[:2] and result.scores.shape == (2, 64, 85)
     assert result.class_names == ["red thing", "blue thing"]
     assert result.labels.dtype == np.int64 and set(np.unique(result.labels)) <= {0, 1}
     segments = result.segments()
@@ -116,7 +118,7 @@ def test_synonyms_take_the_best_query(tiny_vit, scene):
 
 def test_background_threshold(predictor, scene):
     predictor.set_image(scene)
-    everything = predictor.predict("red, blue", background_threshold=1.01)
+    everything = predictor.predict("red, blue", background_threshold=1.0)
     assert everything.class_names[0] == "background" and (everything.labels == 0).all()
     nothing = predictor.predict("red, blue", background_threshold=0.0)
     assert (nothing.labels != 0).all()
@@ -131,11 +133,13 @@ def test_area_threshold_drops_small_classes(predictor, scene):
     assert kept <= {1 + int(areas.argmax())}
 
 
-def test_prompt_denoising_keeps_the_strongest_class(predictor, scene):
-    predictor.set_image(scene)
-    result = predictor.predict("red, blue, green", prompt_denoising=1.01)
-    assert len(np.unique(result.labels)) == 1
-    assert torch.allclose(result.scores.sum(0), torch.ones(96, 128))
+def test_prompt_denoising_drops_classes_never_confident():
+    cosine = torch.tensor([[0.30, 0.10], [0.10, 0.30], [0.25, 0.25]]).view(1, 3, 1, 2)  # class 2 never wins
+    confidence = (100 * cosine).softmax(dim=1).amax(dim=(2, 3))[0]  # 0.993, 0.993, 0.007 at best
+    denoised = refine_output(cosine, torch.zeros(1, 4, 1, 2), denoise=0.5)
+    assert confidence[2] < 0.5 < confidence[:2].min()
+    torch.testing.assert_close(denoised[0, :2], cosine[0, :2])
+    assert (denoised[0, 2] == -100).all()
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -158,3 +162,35 @@ def test_presets_carry_the_papers_dataset_settings():
 def test_predict_before_set_image(predictor):
     with pytest.raises(RuntimeError, match="set_image"):
         predictor.predict("cat")
+
+
+@pytest.mark.parametrize("shape", [(4, 2000), (2000, 4), (1, 1), (3, 50)])
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_rn"])
+def test_extreme_aspect_ratios_and_tiny_images(request, backbone, shape):
+    """Crops thinner than a patch are zero-padded to one patch instead of crashing the patch embedding."""
+    predictor = SegmentationPredictor(MaskCLIP(request.getfixturevalue(backbone)), "default")
+    image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    assert predictor(image, "red, blue").labels.shape == shape
+
+
+def test_labels_computed_in_bands_equal_full_resolution(monkeypatch):
+    """The banded computation gives the labels of the full K x H x W computation (resize, softmax, area and
+    background thresholds)."""
+    import ovdense.predictor as module
+    from ovdense.text import Vocabulary
+    torch.manual_seed(0)
+    vocab = Vocabulary.parse("background, red; crimson, blue, green").with_background()
+    logits = torch.randn(len(vocab.queries), 9, 13) * 3
+    logits[-1] -= 2.5  # green: rare, so that the area threshold drops it
+    protocol = Protocol("t", background_threshold=0.45, area_threshold=0.2)
+    to_probs = lambda x: module._class_probabilities(x, vocab)  # noqa: E731
+    full = to_probs(F.interpolate(logits[None], size=(70, 101), mode="bilinear", align_corners=False)[0])
+    areas = torch.bincount(full.argmax(0).flatten(), minlength=len(vocab)).float()
+    small = areas <= 0.2 * areas[1:].sum()
+    small[0] = False
+    full[small] = 0
+    expected = full.argmax(0)
+    expected[full.amax(0) < 0.45] = 0
+    monkeypatch.setattr(module, "_BAND_ELEMENTS", 5 * 101 * len(vocab.queries))  # bands of 5 rows
+    labels = module._assign_labels(logits, to_probs, (70, 101), 0, protocol)
+    assert small.any() and (labels == expected).float().mean() > 0.999

@@ -8,40 +8,77 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class Protocol:
     """Inference settings.
 
-    short_side: resize so the image's short side has this many pixels (long side capped at 2048);
-        None keeps the size.
+    short_side: resize so the image's short side has this many pixels (long side capped at 2048, sizes rounded
+        as mmcv's `int(x + 0.5)`); None keeps the size.
+    antialias: antialias when downscaling (better for large photos); the papers' mmseg pipelines resize with
+        cv2 bilinear, without.
+    normalize: 'model' (the CLIP's own mean / std) or 'imagenet' (TCL's and MaskCLIP's configs).
     crop, stride: sliding-window size and step in pixels; crop=None is whole-image inference.
+    pad: 'centre' zero-pads each crop to a multiple of the patch size and crops the logits back (ClearCLIP,
+        TCL); None lets the patch embedding drop the remainder and stretches the grid over the crop (SCLIP,
+        NACLIP). Crops smaller than one patch are always padded.
     templates: a template-set name of `ovdense.text.TEMPLATE_SETS` ('imagenet80', 'single').
     logit_scale: multiplies cosine similarities before the softmax over classes.
     pamr_iterations, pamr_dilations: PAMR refinement of the logits (0 iterations: off).
+    pamr_at: where PAMR runs: 'original' (the logits resized to the image's own size, at most 2048 on the long
+        side; SCLIP, NACLIP), 'mask' (each crop's masks at the method's mask resolution; TCL) or 'working'
+        (the resized image; cheapest).
     background_threshold: pixels whose best class probability is below it become background.
     area_threshold: non-background classes covering at most this fraction of the predicted
         foreground are dropped (SCLIP's VOC rule).
-    prompt_denoising: classes whose best probability anywhere is below it are dropped (MaskCLIP).
-    key_smoothing: MaskCLIP's key smoothing; positions whose confidence is below it are replaced by
-        the key-affinity average (0: off).
+    prompt_denoising: MaskCLIP's: classes whose best confidence (softmax of 100 x cosine) anywhere in a crop is
+        below it are dropped (0: off).
+    key_smoothing: MaskCLIP's: positions whose confidence is below it take the key-affinity average of the
+        confidences (0: off).
     mode: the dense-feature mode the paper uses (None: leave the method's choice).
     """
 
     name: str
     short_side: int | None = 448
+    antialias: bool = False
+    normalize: str = "model"
     crop: int | None = 224
     stride: int | None = 112
+    pad: str | None = None
     templates: str = "imagenet80"
     logit_scale: float = 40.0
     pamr_iterations: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
+    pamr_at: str = "original"
     background_threshold: float | None = None
     area_threshold: float | None = None
     prompt_denoising: float = 0.0
     key_smoothing: float = 0.0
     mode: str | None = None
     dataset_overrides: dict[str, dict] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        positive = {"short_side": self.short_side, "crop": self.crop, "stride": self.stride}
+        for key, value in positive.items():
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise UsageError(f"{key} (--{key.replace('_', '-')}) must be a positive number of pixels, got {value!r}")
+        checks = {
+            "logit_scale": self.logit_scale > 0,
+            "pamr_iterations": isinstance(self.pamr_iterations, int) and self.pamr_iterations >= 0,
+            "pamr_dilations": len(self.pamr_dilations) > 0 and all(int(d) > 0 for d in self.pamr_dilations),
+            "pamr_at": self.pamr_at in ("original", "mask", "working"),
+            "pad": self.pad in (None, "centre"),
+            "normalize": self.normalize in ("model", "imagenet"),
+            "background_threshold": self.background_threshold is None or 0 <= self.background_threshold <= 1,
+            "area_threshold": self.area_threshold is None or 0 <= self.area_threshold <= 1,
+            "prompt_denoising": 0 <= self.prompt_denoising <= 1,
+            "key_smoothing": 0 <= self.key_smoothing <= 1,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise UsageError(f"{key} (--{key.replace('_', '-')}) has an invalid value {getattr(self, key)!r}")
 
     def for_dataset(self, dataset: str | None) -> "Protocol":
         """This protocol with the paper's settings for `dataset` applied (unchanged for other names)."""
@@ -55,12 +92,13 @@ class Protocol:
 _CITYSCAPES = {"short_side": 560}
 PRESETS: dict[str, Protocol] = {
     # A general-purpose default for users' own images.
-    "default": Protocol("default", short_side=448, crop=224, stride=112),
+    "default": Protocol("default", short_side=448, antialias=True, crop=224, stride=112, pamr_at="working"),
     # The synthetic world with the shipped tiny CLIP: scenes at 2x the 64 px training scale, 64 px windows
     # (the model's native size), bare class names (its captions never say "a photo of a grass").
-    "synthetic": Protocol("synthetic", short_side=128, crop=64, stride=32, templates="none",
-                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), mode="maskclip"),
-    # SCLIP (wangf3014/SCLIP configs): 336 short side, 224/112 windows, 80 templates, scale 40.
+    "synthetic": Protocol("synthetic", short_side=128, antialias=True, crop=64, stride=32, templates="none",
+                          pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), pamr_at="working", mode="maskclip"),
+    # SCLIP (wangf3014/SCLIP configs): 336 short side, 224/112 windows, 80 templates, scale 40; PAMR off (when
+    # turned on, at the original size).
     "sclip": Protocol(
         "sclip", short_side=336, crop=224, stride=112, logit_scale=40.0, mode="sclip",
         dataset_overrides={
@@ -70,7 +108,7 @@ PRESETS: dict[str, Protocol] = {
             "context60": {"logit_scale": 50.0, "background_threshold": 0.1},
             "coco_object": {"logit_scale": 50.0, "background_threshold": 0.1},
         }),
-    # NACLIP (sinahmr/NACLIP configs): as SCLIP, plus PAMR (10 steps, dilations 8 and 16).
+    # NACLIP (sinahmr/NACLIP configs): as SCLIP, plus PAMR (10 steps, dilations 8 and 16) at the original size.
     "naclip": Protocol(
         "naclip", short_side=336, crop=224, stride=112, logit_scale=40.0, mode="naclip",
         pamr_iterations=10, pamr_dilations=(8, 16),
@@ -81,15 +119,19 @@ PRESETS: dict[str, Protocol] = {
             "context60": {"background_threshold": 0.1},
             "coco_object": {"background_threshold": 0.1},
         }),
-    # TCL / GroupViT protocol: 448 short side, 448/224 windows, PAMR, background threshold 0.4.
+    # TCL (kakaobrain/tcl): 448 short side, ImageNet mean / std, 448/224 windows padded to the patch size, PAMR
+    # on each crop's masks at mask resolution, background threshold 0.4.
     "tcl": Protocol(
-        "tcl", short_side=448, crop=448, stride=224, pamr_iterations=10, pamr_dilations=(1, 2, 4, 8, 12, 24),
+        "tcl", short_side=448, normalize="imagenet", crop=448, stride=224, pad="centre", pamr_iterations=10,
+        pamr_dilations=(1, 2, 4, 8, 12, 24), pamr_at="mask",
         dataset_overrides={name: {"background_threshold": 0.4} for name in ("voc21", "context60", "coco_object")}),
-    # ClearCLIP (mc-lan/ClearCLIP configs): 448 short side, 448/224 windows, scale 50.
+    # ClearCLIP (mc-lan/ClearCLIP configs): 448 short side, 448/224 windows padded to the patch size, scale 50.
     "clearclip": Protocol(
-        "clearclip", short_side=448, crop=448, stride=224, logit_scale=50.0, mode="clearclip",
-        dataset_overrides={"voc21": {"background_threshold": 0.5},
-                           "context60": {"background_threshold": 0.15}}),
+        "clearclip", short_side=448, crop=448, stride=224, pad="centre", logit_scale=50.0, mode="clearclip",
+        dataset_overrides={"cityscapes": {"crop": 224, "stride": 112},
+                           "voc21": {"background_threshold": 0.5},
+                           "context60": {"background_threshold": 0.15},
+                           "coco_object": {"background_threshold": 0.4}}),
 }
 
 
@@ -98,5 +140,5 @@ def get_protocol(protocol: "Protocol | str") -> Protocol:
     if isinstance(protocol, Protocol):
         return protocol
     if protocol not in PRESETS:
-        raise ValueError(f"unknown preset {protocol!r}; choose one of {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {protocol!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[protocol]

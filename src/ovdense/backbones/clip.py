@@ -9,6 +9,7 @@ and text embeddings it gives, for images of any size:
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
+
+from ..errors import UsageError
 
 # How each dense mode changes the last block of a ViT:
 # (attention kind, keep the residual path, keep the feed-forward path).
@@ -43,14 +46,28 @@ class DenseFeatures:
     keys: torch.Tensor
 
 
-def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], extra_tokens: int = 1) -> torch.Tensor:
-    """Bicubically resize a (extra + g*g, C) positional embedding to (extra + grid[0]*grid[1], C)."""
+# How each dense mode resizes the ViT positional embedding to a new grid. 'size': bicubic to the grid size
+# (open_clip, MaskCLIP, TCL). 'scale': SCLIP's / ClearCLIP's / NACLIP's `interpolate_pos_encoding`, bicubic with
+# scale factors ((h + 0.1) / g, (w + 0.1) / g) that also set the sampling positions, and only when the number of
+# tokens changes.
+POS_RESIZE = {"sclip": "scale", "clearclip": "scale", "naclip": "scale"}
+
+
+def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], extra_tokens: int = 1, how: str = "size"
+                          ) -> torch.Tensor:
+    """Bicubically resize a (extra + g*g, C) positional embedding to (extra + grid[0]*grid[1], C); `how` as in
+    POS_RESIZE."""
     extra, spatial = pos[:extra_tokens], pos[extra_tokens:]
     side = int(math.isqrt(spatial.shape[0]))
-    if (side, side) == tuple(grid):
+    if (side, side) == tuple(grid) or (how == "scale" and grid[0] * grid[1] == side * side):
         return pos
     spatial = spatial.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
+    if how == "scale":
+        factors = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        spatial = F.interpolate(spatial, scale_factor=factors, mode="bicubic", align_corners=False,
+                                recompute_scale_factor=False)
+    else:
+        spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
     spatial = spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([extra, spatial], dim=0)
 
@@ -83,8 +100,8 @@ class CLIPBackbone(nn.Module):
         elif isinstance(visual, ModifiedResNet):
             self.arch = "resnet"
         else:
-            raise NotImplementedError(
-                f"{name}: dense features need an open_clip ViT or ModifiedResNet image tower, got {type(visual).__name__}")
+            raise UsageError(f"{name}: dense features need an open_clip ViT or ModifiedResNet image tower, got "
+                             f"{type(visual).__name__}; `ovdense models` lists which architectures have dense modes")
         self.image_mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
         self.image_std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
         self.naclip_std = 5.0
@@ -115,6 +132,36 @@ class CLIPBackbone(nn.Module):
     def identity(self) -> str:
         """A string naming the architecture and the weights, used to key embedding caches."""
         return f"{self.name}@{self.weights}"
+
+    # -------------------------------------------------------------------------- text fingerprint
+    @property
+    def text_fingerprint(self) -> str:
+        """sha256 (hex) of the text tower's weights, which alone determine text embeddings; keys the text cache.
+
+        Hashes every tensor's name, shape and dtype, the values of small tensors and a fixed strided sample
+        of 2^14 values of the others (ViT-B/16: ~20 ms instead of reading 250 MB). Remembered until a text
+        tensor is replaced or changed in place (training, `load_state_dict`).
+        """
+        m = self.model
+        parts = {"text": m.text} if hasattr(m, "text") else {  # open_clip's CustomTextCLIP, else CLIP
+            n: getattr(m, n) for n in ("token_embedding", "positional_embedding", "transformer", "ln_final",
+                                       "text_projection")}
+        tensors = {}
+        for prefix, part in parts.items():
+            if isinstance(part, nn.Module):
+                tensors.update(part.state_dict(prefix=f"{prefix}.", keep_vars=True))
+            elif isinstance(part, torch.Tensor):
+                tensors[prefix] = part
+        state = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors.values())
+        if getattr(self, "_text_fingerprint", (None, None))[0] != state:
+            digest = hashlib.sha256()
+            for name, t in tensors.items():
+                values = t.detach().flatten()
+                values = values[::-(-values.numel() // 2**14)] if values.numel() > 2**14 else values
+                digest.update(f"{name} {tuple(t.shape)} {t.dtype};".encode())
+                digest.update(values.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._text_fingerprint = (state, digest.hexdigest())
+        return self._text_fingerprint[1]
 
     def supported_modes(self) -> tuple[str, ...]:
         return DENSE_MODES if self.arch == "vit" else RESNET_DENSE_MODES
@@ -191,7 +238,7 @@ class CLIPBackbone(nn.Module):
     def dense_features(self, images: torch.Tensor, mode: str = "maskclip") -> DenseFeatures:
         """(B, 3, H, W) -> DenseFeatures with (B, D, H/stride, W/stride) joint-space features."""
         if mode not in self.supported_modes():
-            raise ValueError(f"dense mode {mode!r} is not available for {self.name} ({self.arch}); "
+            raise UsageError(f"dense mode {mode!r} is not available for {self.name} ({self.arch}); "
                              f"choose one of {', '.join(self.supported_modes())}")
         images = images.to(self.dtype)
         if self.arch == "resnet":
@@ -210,14 +257,14 @@ class CLIPBackbone(nn.Module):
         return self._vit_maps(images, indices, run_all=False)[0]
 
     # ------------------------------------------------------------------------------ ViT internals
-    def _vit_embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _vit_embed(self, images: torch.Tensor, pos_resize: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after ln_pre, and the grid (h, w)."""
         v = self.visual
         x = v.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + resize_grid_embedding(v.positional_embedding, grid).to(x.dtype)
+        x = torch.cat([cls, x], dim=1) + resize_grid_embedding(v.positional_embedding, grid, how=pos_resize).to(x.dtype)
         return v.ln_pre(v.patch_dropout(x)), grid
 
     def _vit_maps(self, images: torch.Tensor, indices: list[int], run_all: bool
@@ -245,8 +292,8 @@ class CLIPBackbone(nn.Module):
     def _vit_dense(self, images: torch.Tensor, mode: str) -> DenseFeatures:
         v = self.visual
         if v.attn_pool is not None:
-            raise NotImplementedError(f"{self.name}: dense features are not defined for attention-pooled ViTs")
-        x, grid = self.vit_tokens(images, depth=-1)
+            raise UsageError(f"{self.name}: dense features are not defined for attention-pooled ViTs")
+        x, grid = self.vit_tokens(images, depth=-1, pos_resize=POS_RESIZE.get(mode, "size"))
         x, keys = self.vit_last_block(x, mode, grid)
         tokens = v.ln_post(x[:, 1:]) @ v.proj  # (B, h*w, D)
         batch = images.shape[0]
@@ -255,22 +302,25 @@ class CLIPBackbone(nn.Module):
             keys=keys[:, 1:].transpose(1, 2).reshape(batch, -1, *grid),
         )
 
-    def vit_tokens(self, images: torch.Tensor, depth: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    def vit_tokens(self, images: torch.Tensor, depth: int, pos_resize: str = "size"
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after the first `depth` blocks (negative: all but the
-        last -depth), and the grid (h, w)."""
-        x, grid = self._vit_embed(images.to(self.dtype))
+        last -depth), and the grid (h, w). pos_resize: see POS_RESIZE."""
+        x, grid = self._vit_embed(images.to(self.dtype), pos_resize)
         return self._vit_blocks(x, self.visual.transformer.resblocks[:depth]), grid
 
     def vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int], block: nn.Module | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """A last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width).
 
+        The keys are MaskCLIP's, for its key smoothing: out_proj(W_k ln_1(x) + b_k).
+
         block: the transformer block to run (default: this CLIP's last; TCL passes its trainable copy).
         """
         block = self.visual.transformer.resblocks[-1] if block is None else block
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention):
-            raise NotImplementedError(f"{self.name}: dense modes need nn.MultiheadAttention blocks")
+            raise UsageError(f"{self.name}: dense modes need nn.MultiheadAttention blocks")
         kind, residual, ffn = _VIT_LAST_BLOCK[mode]
         q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         if kind == "value":
@@ -289,7 +339,7 @@ class CLIPBackbone(nn.Module):
                 out = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
             out = out.transpose(1, 2).flatten(2)
             k = k.transpose(1, 2).flatten(2)
-        out = attn.out_proj(out)
+        out, k = attn.out_proj(out), attn.out_proj(k)
         if residual:
             out = x + block.ls_1(out)
         if ffn:

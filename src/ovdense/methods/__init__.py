@@ -6,13 +6,15 @@ Training-free methods are built from a backbone; trained ones are loaded from th
 from __future__ import annotations
 
 from ..backbones import load_clip
+from ..backbones.loading import PACKAGED_WEIGHTS
+from ..catalog import TRAINED_METHODS
+from ..errors import UsageError
 from .base import DenseMethod, read_trained
-from .maskclip import MaskCLIP, key_smoothing
+from .maskclip import MaskCLIP, refine_output
 from .denseclip import DenseCLIP
 from .tcl import TCL
 
 METHODS = {"maskclip": MaskCLIP, "tcl": TCL, "denseclip": DenseCLIP}
-TRAINED_METHODS = ("tcl", "denseclip")
 
 
 def load_method(name: str, model: str | None = None, weights: str | None = None, mode: str | None = None,
@@ -20,18 +22,28 @@ def load_method(name: str, model: str | None = None, weights: str | None = None,
     """A ready-to-use method: trained methods from `checkpoint` (model / weights override the recorded
     CLIP), training-free ones from the CLIP `model` / `weights` and the dense `mode`."""
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     if name in TRAINED_METHODS:
         if not checkpoint:
-            raise ValueError(f"method {name!r} is trained: pass its checkpoint (--checkpoint PATH), "
+            raise UsageError(f"method {name!r} is trained: pass its checkpoint (--checkpoint PATH), "
                              f"made by `ovdense train {name} --config ...`")
         recorded = read_trained(checkpoint)[0]["model"]
         if model and model != recorded:
             raise ValueError(f"{checkpoint} was trained on {recorded}, not {model}")
         return METHODS[name].from_checkpoint(checkpoint, device=device, weights=weights)
     if checkpoint:
-        raise ValueError(f"method {name!r} is training-free and takes no checkpoint")
+        raise UsageError(f"method {name!r} is training-free and takes no --checkpoint")
     return METHODS[name](load_clip(model, weights, device=device), mode=mode or "maskclip")
 
 
-__all__ = ["METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "key_smoothing", "load_method"]
+def recommended_preset(name: str, model: str | None = None, weights: str | None = None,
+                       checkpoint: str | None = None) -> str | None:
+    """The inference preset that a trained checkpoint or shipped weights record, or None."""
+    if name in TRAINED_METHODS and checkpoint:
+        return read_trained(checkpoint)[0].get("preset")
+    packaged = PACKAGED_WEIGHTS.get((model, weights))
+    return packaged.preset if packaged else None
+
+
+__all__ = ["METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
+           "refine_output"]

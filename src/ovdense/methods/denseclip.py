@@ -15,7 +15,7 @@ the score map of any names (`inference='score_map'`).
 """
 from __future__ import annotations
 
-import warnings
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,6 +28,8 @@ from ..backbones import CLIPBackbone
 from ..data.datasets import IGNORE_INDEX
 from ..presets import Protocol
 from .base import DenseMethod
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- prompting
@@ -303,7 +305,7 @@ class DenseCLIP(DenseMethod):
                                  f"({', '.join(self.class_names[:10])}...); use inference='score_map' for new names")
             if (index < 0).any():
                 unknown = [q for q, i in zip(queries, index) if i < 0]
-                warnings.warn(f"DenseCLIP's head never predicts classes outside its training set: {unknown[:5]}")
+                logger.warning(f"DenseCLIP's head never predicts classes outside its training set: {unknown[:5]}")
             tokens = self.class_tokens if self.language_guidance else torch.zeros(0, dtype=torch.long)
         else:
             tokens = self.prompt.tokenize(queries)

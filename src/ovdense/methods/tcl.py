@@ -22,6 +22,7 @@ from torch import nn
 
 from ..backbones import CLIPBackbone
 from ..distributed import gather_with_grad
+from ..ops import PAMR
 from ..presets import Protocol
 from .base import DenseMethod
 
@@ -141,6 +142,7 @@ class TCL(DenseMethod):
 
     name = "tcl"
     scores = "probability"
+    pamr_on_masks = True
 
     def __init__(self, backbone: CLIPBackbone, decoder_layers: int = 2, kernel_size: int = 3, init_w: float = 10.0,
                  init_b: float = -2.5, gumbel_tau: float = 1.0, kp_weight: float = 0.3, kp_offset: float = 0.25,
@@ -227,20 +229,25 @@ class TCL(DenseMethod):
     # ------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def embed_crops(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, 3, H, W) -> {'dense': (B, D, 4h, 4w) TCL embeddings, 'clip': (B, D, h, w) frozen MaskCLIP ones}, unit norm."""
+        """(B, 3, H, W) -> {'dense': (B, D, 4h, 4w) TCL embeddings, 'clip': (B, D, h, w) frozen MaskCLIP ones, unit
+        norm; 'pixels': (B, 3, 4h, 4w) the crops at mask resolution, for PAMR}."""
         tokens, grid = self.backbone.vit_tokens(crops, depth=-1)
         dense = self.ground(tokens, grid).float()
         x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid)
         visual = self.backbone.visual
         clip = (visual.ln_post(x[:, 1:]) @ visual.proj).float().transpose(1, 2).reshape(len(x), -1, *grid)
-        return {"dense": F.normalize(dense, dim=1), "clip": F.normalize(clip, dim=1)}
+        pixels = F.interpolate(crops.float(), size=dense.shape[-2:], mode="bilinear", align_corners=True)
+        return {"dense": F.normalize(dense, dim=1), "clip": F.normalize(clip, dim=1), "pixels": pixels}
 
     @torch.no_grad()
     def crop_logits(self, embedded: dict[str, torch.Tensor], text: torch.Tensor, protocol: Protocol | None = None
                     ) -> torch.Tensor:
-        """Soft masks in [0, 1]: (B, Q, 4h, 4w), TCL's masks mixed with `kp_weight` of MaskCLIP's."""
+        """Soft masks in [0, 1]: (B, Q, 4h, 4w), TCL's masks (refined by PAMR at this resolution when the protocol
+        says pamr_at='mask', as the official code) mixed with `kp_weight` of MaskCLIP's."""
         text = text.to(embedded["dense"])
         masks = torch.sigmoid(self.mask_logits(embedded["dense"], text))
+        if protocol is not None and protocol.pamr_iterations > 0 and protocol.pamr_at == "mask":
+            masks = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(embedded["pixels"], masks)
         if self.kp_weight > 0:
             cosine = torch.einsum("bdhw,qd->bqhw", embedded["clip"], F.normalize(text, dim=-1))
             kp = torch.sigmoid((cosine - self.kp_offset) * self.kp_scale)

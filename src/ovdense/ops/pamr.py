@@ -1,45 +1,59 @@
-"""PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020)."""
+"""PAMR: pixel-adaptive mask refinement (Araslanov & Roth, CVPR 2020), as the official SCLIP / NACLIP / TCL code
+computes it, in bounded memory."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 _AROUND = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
-def _neighbourhoods(x: torch.Tensor, dilations: tuple[int, ...], centre: bool = False) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, P, H, W): the 8 neighbours at each dilation (replicate-padded), P = 8 * len(dilations),
-    plus the pixel itself once per dilation when `centre` (P = 9 * len(dilations))."""
+def _shifted(x: torch.Tensor, dilations: tuple[int, ...], centre: bool = False):
+    """Views of (B, C, H, W) `x` moved to each of the 8 neighbours at every dilation (replicate-padded), and to the
+    pixel itself once per dilation when `centre`."""
     height, width = x.shape[-2:]
     offsets = _AROUND + [(0, 0)] if centre else _AROUND
-    shifted = []
     for d in dilations:
         padded = F.pad(x, [d] * 4, mode="replicate")
-        shifted += [padded[..., d + dy * d:d + dy * d + height, d + dx * d:d + dx * d + width] for dy, dx in offsets]
-    return torch.stack(shifted, dim=2)
+        for dy, dx in offsets:
+            yield padded[..., d + dy * d:d + dy * d + height, d + dx * d:d + dx * d + width]
 
 
 class PAMR(nn.Module):
     """Refine masks by averaging each pixel over its neighbours, weighted by image similarity.
 
-    Affinities: softmax over the 8 neighbours at every dilation of -|I_i - I_j| / (0.1 * local std),
-    averaged over colour channels; then `iterations` steps of m_i <- sum_j a_ij m_j.
+    Affinities: softmax over the 8 neighbours at every dilation of -|I_i - I_j| / (1e-8 + 0.1 * local std)
+    (std unbiased, over the 3x3 taps of all dilations), averaged over colour channels; then `iterations` steps
+    of m_i <- sum_j a_ij m_j. Masks are refined `chunk` channels at a time, neighbour by neighbour, so memory
+    stays near (8 * dilations + chunk) x H x W.
     """
 
-    def __init__(self, iterations: int = 10, dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)):
+    def __init__(self, iterations: int = 10, dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24), chunk: int = 16):
         super().__init__()
         self.iterations = iterations
         self.dilations = tuple(dilations)
+        self.chunk = chunk
+
+    def affinity(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) image -> (B, P, H, W) neighbour weights, P = 8 * len(dilations), summing to 1 over P."""
+        image = image.float()
+        std = torch.stack(list(_shifted(image, self.dilations, centre=True)), dim=2).std(dim=2)  # (B, 3, H, W)
+        scale = 1e-8 + 0.1 * std
+        logits = torch.stack([(-(image - n).abs() / scale).mean(dim=1) for n in _shifted(image, self.dilations)], 1)
+        return logits.softmax(dim=1)
 
     def forward(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined."""
-        masks = F.interpolate(masks.float(), size=image.shape[-2:], mode="bilinear", align_corners=True)
-        image = image.float()
-        std = _neighbourhoods(image, self.dilations, centre=True).std(dim=2, keepdim=True)
-        diff = (image.unsqueeze(2) - _neighbourhoods(image, self.dilations)).abs()  # (B, 3, 8D, H, W)
-        affinity = F.softmax((-diff / (1e-8 + 0.1 * std)).mean(dim=1, keepdim=True), dim=2)  # (B, 1, 8D, H, W)
-        for _ in range(self.iterations):
-            masks = (_neighbourhoods(masks, self.dilations) * affinity).sum(dim=2)
-        return masks
+        """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined (masks first resized with
+        align_corners=True, as the official code does)."""
+        affinity = self.affinity(image)
+        out = []
+        for part in masks.float().split(self.chunk, dim=1):
+            part = F.interpolate(part, size=image.shape[-2:], mode="bilinear", align_corners=True)
+            for _ in range(self.iterations):
+                refined = torch.zeros_like(part)
+                for p, neighbour in enumerate(_shifted(part, self.dilations)):
+                    refined += neighbour * affinity[:, p:p + 1]
+                part = refined
+            out.append(part)
+        return torch.cat(out, dim=1)

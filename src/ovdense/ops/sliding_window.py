@@ -1,18 +1,10 @@
-"""Short-side resizing and sliding-window crops, and merging of per-window predictions."""
+"""Sliding-window crops, their padding to the patch size, and merging of per-window predictions."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1)
-
-
-def short_side_size(height: int, width: int, short_side: int | None, max_long_side: int = 2048) -> tuple[int, int]:
-    """The (height, width) after resizing so the short side is `short_side` (long side capped), keeping the ratio."""
-    if short_side is None:
-        return height, width
-    scale = min(short_side / min(height, width), max_long_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def sliding_windows(height: int, width: int, crop: int | None, stride: int | None) -> list[Window]:
@@ -34,17 +26,33 @@ def sliding_windows(height: int, width: int, crop: int | None, stride: int | Non
     return windows
 
 
-def crop_windows(image: torch.Tensor, windows: list[Window]) -> torch.Tensor:
-    """(C, H, W) image -> (N, C, h, w) crops, one per window (all windows have the same size)."""
-    return torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in windows])
+Padding = tuple[int, int, int, int]  # (left, right, top, bottom)
 
 
-def merge_windows(logits: torch.Tensor, windows: list[Window], size: tuple[int, int]) -> torch.Tensor:
-    """(N, K, h', w') per-window logits -> (K, H, W): each window upsampled to its box, overlaps averaged."""
+def crop_padding(height: int, width: int, patch: int, to_multiple: bool) -> Padding:
+    """Centred zero padding of a (height, width) crop: to a multiple of `patch` (ClearCLIP, TCL) when `to_multiple`,
+    and in any case to at least one patch, so that the patch embedding sees a whole patch."""
+    def split(size: int) -> tuple[int, int]:
+        target = -(-size // patch) * patch if to_multiple else max(size, patch)
+        return (target - size) // 2, target - size - (target - size) // 2
+    return (*split(width), *split(height))
+
+
+def crop_windows(image: torch.Tensor, windows: list[Window], padding: Padding = (0, 0, 0, 0)) -> torch.Tensor:
+    """(C, H, W) image -> (N, C, h, w) crops, one per window (all windows have the same size), zero-padded."""
+    return F.pad(torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in windows]), padding)
+
+
+def merge_windows(logits: torch.Tensor, windows: list[Window], size: tuple[int, int],
+                  padding: Padding = (0, 0, 0, 0)) -> torch.Tensor:
+    """(N, K, h', w') per-window logits -> (K, H, W): each (padded) window upsampled to its padded box, the padding
+    cut off, overlaps averaged (mmseg's slide inference)."""
     total = logits.new_zeros((logits.shape[1], *size))
     count = logits.new_zeros((1, *size))
+    left, right, top, bottom = padding
     for window_logits, (y0, y1, x0, x1) in zip(logits, windows):
-        total[:, y0:y1, x0:x1] += F.interpolate(window_logits[None], size=(y1 - y0, x1 - x0), mode="bilinear",
-                                                align_corners=False)[0]
+        padded = (y1 - y0 + top + bottom, x1 - x0 + left + right)
+        up = F.interpolate(window_logits[None], size=padded, mode="bilinear", align_corners=False)[0]
+        total[:, y0:y1, x0:x1] += up[:, top:top + y1 - y0, left:left + x1 - x0]
         count[:, y0:y1, x0:x1] += 1
     return total / count
