@@ -1,5 +1,6 @@
 """The command line end to end on a tiny random model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,9 @@ def test_segment_writes_overlay_labels_and_json(images, tmp_path, capsys):
     code = main(["segment", str(good), str(broken), str(rgba), "--classes", "red, blue; navy",
                  "--output", str(out), *TINY])
     assert code == 1  # one input was bad ...
-    assert "skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "broken.jpg" in line]  # one error line, naming the bad file
     for stem in ("scene", "odd"):  # ... and the others were still segmented
         summary = json.loads((out / f"{stem}.json").read_text())
         assert summary["classes"] == ["red", "blue"] and summary["weights"] == "random:0"
@@ -45,7 +48,7 @@ def test_segment_errors_are_clear(images, tmp_path, capsys):
     assert main(["segment", str(good), "--classes", "cat, cat", *TINY]) == 2
     assert "more than once" in capsys.readouterr().err
     assert main(["segment", str(good), "--classes", "cat", "--model", "tiny-vit",
-                 "--weights", str(tmp_path / "missing.pt")]) == 2
+                 "--weights", str(tmp_path / "missing.pt")]) == 1  # a data error, not a usage error
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -95,3 +98,102 @@ def test_eval_under_torchrun_matches_one_process(tmp_path, scene, tiny_model_con
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["metrics"] for n in ("one", "two"))
     assert two["mIoU"] == pytest.approx(one["mIoU"]) and two["IoU"] == pytest.approx(one["IoU"])
+
+
+def test_segment_takes_folders_and_globs_and_keeps_same_named_outputs_apart(tmp_path, scene, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(scene).save(tmp_path / folder / "photo.png")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a"), str(tmp_path / "b" / "*.png"), "--classes", "red, blue",
+                 "--output", str(out), *TINY]) == 0
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["a__photo.json", "b__photo.json"]
+    assert json.loads((out / "b__photo.json").read_text())["image"].endswith("b/photo.png")
+    assert main(["segment", str(tmp_path / "nothing-*.png"), "--classes", "red", "--output", str(out), *TINY]) == 1
+    assert "nothing-*.png: no image found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["--batch-size", "0"], 2, "--batch-size"),
+    (["--short-side", "0"], 2, "--short-side"),
+    (["--crop", "-4"], 2, "--crop"),
+    (["--background-threshold", "1.5"], 2, "--background-threshold"),
+    (["--device", "cuda:7"], 2, "--device"),
+    (["--device", "toaster"], 2, "--device"),
+    (["--method", "tcl"], 2, "--checkpoint"),
+    (["--classes", ""], 2, "--classes"),
+    (["--classes-file", "/no/such/classes.txt"], 1, "classes.txt"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_bad_options_are_one_error_line(images, tmp_path, capsys, argv, code, message):
+    good, _, _ = images
+    base = ["segment", str(good), "--output", str(tmp_path / "out"), *TINY]
+    if "--classes" not in argv and "--classes-file" not in argv:
+        base += ["--classes", "red, blue"]
+    assert main([*base, *argv]) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_output_paths_are_checked_before_any_work(images, tmp_path, scene, capsys, monkeypatch):
+    import ovdense.methods
+    monkeypatch.setattr(ovdense.methods, "load_method", lambda *a, **k: pytest.fail("the model was loaded"))
+    good, _, _ = images
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("keep me")
+    assert main(["segment", str(good), "--classes", "red", "--output", str(a_file), *TINY]) == 1
+    assert "is an existing file" in capsys.readouterr().err and a_file.read_text() == "keep me"
+    _folder_dataset(tmp_path / "data", scene, 1)
+    assert main(["eval", "--dataset", "folder", "--root", str(tmp_path / "data"), "--output", str(tmp_path),
+                 *TINY]) == 1
+    assert "is a folder" in capsys.readouterr().err
+    import ovdense
+    inside = Path(ovdense.__file__).parent / "outputs"
+    assert main(["segment", str(good), "--classes", "red", "--output", str(inside), *TINY]) == 1
+    assert "inside the installed ovdense package" in capsys.readouterr().err and not inside.exists()
+
+
+def test_shipped_weights_bring_their_preset_and_half_precision_runs(images, tmp_path):
+    good, _, _ = images
+    out = tmp_path / "out"
+    args = ["segment", str(good), "--classes", "sky, grass", "--model", "ovdense-tiny-vit", "--weights", "synthetic",
+            "--output", str(out)]
+    assert main(args) == 0
+    full = json.loads((out / "scene.json").read_text())
+    assert full["protocol"]["name"] == "synthetic"  # recommended by the shipped weights, not the 448 px default
+    labels = np.asarray(Image.open(out / "scene_labels.png"))
+    assert main([*args, "--half"]) == 0  # bf16 on this CPU
+    assert (np.asarray(Image.open(out / "scene_labels.png")) == labels).mean() > 0.9
+
+
+def test_version_models_and_help(capsys):
+    from ovdense import __version__
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert __version__ in capsys.readouterr().out
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "ovdense-tiny-vit --weights synthetic" in lines[1]  # the offline model first
+    rn50 = next(line for line in lines if line.split()[:1] == ["RN50"])
+    vit = next(line for line in lines if line.split()[:1] == ["ViT-B-16"])
+    assert "plain, maskclip" in rn50 and "sclip" not in rn50 and "naclip" in vit and "openai" in vit
+
+
+def test_catalog_names_match_the_registries():
+    from ovdense import catalog
+    from ovdense.backbones.clip import DENSE_MODES, RESNET_DENSE_MODES
+    from ovdense.data import DATASETS
+    from ovdense.methods import METHODS, TRAINED_METHODS
+    from ovdense.text import TEMPLATE_SETS
+    assert catalog.DENSE_MODES == DENSE_MODES and catalog.RESNET_DENSE_MODES == RESNET_DENSE_MODES
+    assert catalog.METHODS == tuple(METHODS) and catalog.TRAINED_METHODS == TRAINED_METHODS
+    assert catalog.DATASETS == tuple(DATASETS) and catalog.TEMPLATE_SETS == tuple(TEMPLATE_SETS)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys\nfrom ovdense.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

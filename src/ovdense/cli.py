@@ -1,23 +1,25 @@
-"""Command line: ovdense demo | segment | eval | synth | train | models."""
+"""Command line: ovdense demo | segment | eval | synth | train | models.
+
+torch and open_clip are imported inside the commands, so `ovdense --help` answers at once. Every failure is one
+`error:` line on stderr, never a traceback (unless -v): exit code 1 for data and runtime errors, 2 for usage.
+"""
 from __future__ import annotations
 
 import argparse
-import json
+import glob
+import logging
+import os
 import sys
-from dataclasses import asdict, replace
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch.distributed as dist
+from . import __version__
+from .catalog import DATASETS, DENSE_MODES, METHODS, TEMPLATE_SETS, TRAINED_METHODS
+from .errors import InputError, UsageError
+from .presets import PRESETS
 
-from .backbones import DENSE_MODES, RANDOM_WEIGHTS, WeightsNotFoundError
-from .data import DATASETS, ImageError, SegmentationDataset, load_image
-from .io import atomic_path, write_text_atomic
-from .methods import METHODS, TRAINED_METHODS, load_method
-from .predictor import SegmentationPredictor
-from .presets import PRESETS, get_protocol
-from .text import TEMPLATE_SETS, Vocabulary
-from .visualize import label_image, overlay
+logger = logging.getLogger("ovdense")
 
 SYNTHETIC_NOTE = ("weights: the tiny CLIP that ships with ovdense, trained from scratch on the synthetic world's "
                   "captions (configs/tiny_clip_vit_synthetic.yaml); it knows only that world's words. For real images "
@@ -27,36 +29,68 @@ RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are a
                "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai",
-                    default_preset: str = "default") -> None:
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default in --help (where it has one)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai"
+                    ) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help=f"open_clip architecture (see `ovdense models`; default: {default_model}, "
                                          "or the one a --checkpoint was trained on)")
     group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, or 'random' "
                                          f"(default: {default_weights}, or those a --checkpoint records)")
-    group.add_argument("--method", default="maskclip", choices=sorted(METHODS),
+    group.add_argument("--method", default="maskclip", choices=METHODS,
                        help=f"trained methods ({', '.join(TRAINED_METHODS)}) need --checkpoint")
     group.add_argument("--checkpoint", help="a trained method's file (from `ovdense train METHOD`)")
     parser.set_defaults(default_model=default_model, default_weights=default_weights)
     group.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: the preset's, else maskclip)")
-    group.add_argument("--device", default="cpu")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
+    group.add_argument("--half", action="store_true", help="encode images in half precision (fp16 on GPU, bf16 on CPU)")
     group.add_argument("--batch-size", type=int, default=8, help="crops embedded per forward pass")
+    group.add_argument("--no-cache", action="store_true",
+                       help="do not read or write the on-disk text-embedding cache (~/.cache/ovdense)")
     proto = parser.add_argument_group("protocol (each overrides the preset)")
-    proto.add_argument("--preset", default=default_preset, choices=sorted(PRESETS),
-                       help="published inference settings (default: %(default)s)")
-    proto.add_argument("--short-side", type=int)
+    proto.add_argument("--preset", choices=sorted(PRESETS),
+                       help="published inference settings (default: the one the weights or checkpoint recommend, "
+                            "else 'default')")
+    proto.add_argument("--short-side", type=int, help="resize the image's short side to this many pixels")
     proto.add_argument("--crop", type=int, help="sliding-window size; 0 for whole-image inference")
-    proto.add_argument("--stride", type=int)
-    proto.add_argument("--templates", choices=sorted(TEMPLATE_SETS))
-    proto.add_argument("--logit-scale", type=float)
+    proto.add_argument("--stride", type=int, help="sliding-window step")
+    proto.add_argument("--templates", choices=TEMPLATE_SETS, help="prompt templates")
+    proto.add_argument("--logit-scale", type=float, help="multiplies cosine similarities before the softmax")
     proto.add_argument("--pamr", type=int, dest="pamr_iterations", help="PAMR iterations (0: off)")
-    proto.add_argument("--background-threshold", type=float)
-    proto.add_argument("--area-threshold", type=float)
-    proto.add_argument("--prompt-denoising", type=float)
-    proto.add_argument("--key-smoothing", type=float)
+    proto.add_argument("--background-threshold", type=float, help="best-class probability under which a pixel is "
+                                                                    "background")
+    proto.add_argument("--area-threshold", type=float, help="drop classes covering at most this share (SCLIP)")
+    proto.add_argument("--prompt-denoising", type=float, help="MaskCLIP's prompt denoising threshold (0: off)")
+    proto.add_argument("--key-smoothing", type=float, help="MaskCLIP's key smoothing threshold (0: off)")
 
 
-def _build_predictor(args, dataset: str | None = None) -> SegmentationPredictor:
+def _build_predictor(args, dataset: str | None = None):
+    """The predictor the options describe; the preset defaults to the one the weights or checkpoint recommend."""
+    from dataclasses import replace
+
+    import torch
+
+    from .device import resolve_device
+    from .methods import load_method, recommended_preset
+    from .predictor import SegmentationPredictor
+    from .presets import get_protocol
+    from .text.cache import disable_disk_cache
+    device = resolve_device(args.device)
+    if args.no_cache:
+        disable_disk_cache()
+    trained = args.method in TRAINED_METHODS
+    model = args.model if trained else args.model or args.default_model
+    weights = args.weights if trained else args.weights or args.default_weights
+    recommended = recommended_preset(args.method, model, weights, args.checkpoint)
+    args.preset = args.preset or recommended or "default"
     protocol = get_protocol(args.preset).for_dataset(dataset)
     protocol = protocol.updated(
         short_side=args.short_side, stride=args.stride, templates=args.templates, logit_scale=args.logit_scale,
@@ -64,81 +98,136 @@ def _build_predictor(args, dataset: str | None = None) -> SegmentationPredictor:
         area_threshold=args.area_threshold, prompt_denoising=args.prompt_denoising,
         key_smoothing=args.key_smoothing)
     if args.crop is not None:  # 0 means whole-image inference
-        protocol = replace(protocol, crop=args.crop or None, stride=(args.stride or protocol.stride) if args.crop else None)
-    if args.method in TRAINED_METHODS:
-        method = load_method(args.method, args.model, args.weights, checkpoint=args.checkpoint, device=args.device)
-    else:
-        method = load_method(args.method, args.model or args.default_model, args.weights or args.default_weights,
-                             args.mode or protocol.mode, args.checkpoint, args.device)
-    return SegmentationPredictor(method, protocol, batch_size=args.batch_size)
+        whole = args.crop == 0
+        protocol = replace(protocol, crop=None if whole else args.crop,
+                           stride=None if whole else args.stride or protocol.stride)
+    method = load_method(args.method, model, weights, None if trained else args.mode or protocol.mode,
+                         args.checkpoint, str(device))
+    precision = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None
+    logger.info("preset %s (%s)", args.preset, "recommended by the weights" if args.preset == recommended else "chosen")
+    return SegmentationPredictor(method, protocol, batch_size=args.batch_size, autocast=precision)
 
 
-def _describe(predictor: SegmentationPredictor) -> dict:
+def _describe(predictor) -> dict:
+    from dataclasses import asdict
     backbone = predictor.backbone
     return {"model": backbone.name, "weights": backbone.weights, "method": predictor.method.name,
             "mode": getattr(predictor.method, "mode", None),
             "protocol": {k: v for k, v in asdict(predictor.protocol).items() if k != "dataset_overrides"}}
 
 
-def _segment_one(predictor, image_path: Path, vocabulary: Vocabulary, out_dir: Path, note: str | None) -> dict:
-    rgb = load_image(image_path)
-    result = predictor(rgb, vocabulary)
-    summary = {"image": str(image_path), "width": rgb.shape[1], "height": rgb.shape[0], **_describe(predictor),
-               "classes": result.class_names, "segments": result.segments()}
-    stem = image_path.stem
-    with atomic_path(out_dir / f"{stem}_overlay.png") as over, atomic_path(out_dir / f"{stem}_labels.png") as lab, \
-            atomic_path(out_dir / f"{stem}.json") as js:
-        overlay(rgb, result.labels, result.class_names, note=note).save(over, format="PNG")
-        label_image(result.labels, len(result.class_names)).save(lab, format="PNG")
-        js.write_text(json.dumps(summary, indent=2))
-    return summary
+def _segment_one(predictor, image_path: Path, vocabulary, out_dir: Path, stem: str, note: str | None) -> dict:
+    """Segment one image and write <stem>_overlay.png, <stem>_labels.png and <stem>.json; returns the summary."""
+    result = predictor(image_path, vocabulary)
+    result.save(out_dir, stem, metadata={"image": str(image_path), **_describe(predictor)}, note=note)
+    return result.summary(rle=False)
 
 
-def _vocabulary(args) -> Vocabulary:
+def _vocabulary(args):
+    from .text import Vocabulary
     if bool(args.classes) == bool(args.classes_file):
-        raise SystemExit("error: give the classes with exactly one of --classes 'cat, dog; puppy' or --classes-file FILE")
-    return Vocabulary.parse(args.classes) if args.classes else Vocabulary.from_file(args.classes_file)
+        raise UsageError("give the classes with exactly one of --classes 'cat, dog; puppy' or --classes-file FILE")
+    if args.classes_file:
+        return Vocabulary.from_file(args.classes_file)
+    try:
+        return Vocabulary.parse(args.classes)
+    except ValueError as error:  # a bad --classes value is a usage error; a bad file's content a data error
+        raise UsageError(f"--classes: {error}") from error
+
+
+def expand_inputs(patterns: list[str], exclude: Path | None = None) -> tuple[list[Path], list[str]]:
+    """Image paths from files, folders (their images, not recursive) and globs ('photos/**/*.jpg'), in order,
+    each once; and the patterns that matched nothing. Files under `exclude` (the output folder) are skipped."""
+    from .data.datasets import IMAGE_SUFFIXES
+    found, unmatched = [], []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            matches = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists() or not glob.has_magic(pattern):
+            matches = [path]  # a missing plain path is reported when it is read
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))
+                       if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES]
+        if exclude is not None:
+            matches = [p for p in matches if exclude.resolve() not in p.resolve().parents]
+        if not matches:
+            unmatched.append(pattern)
+        found += matches
+    return list(dict.fromkeys(found)), unmatched
+
+
+def output_stems(paths: list[Path]) -> list[str]:
+    """Output file stems: each image's own stem, or, when two images share one (a/x.jpg, b/x.jpg, a/x.png), their
+    paths relative to their common folder ('a__x', 'b__x', or 'a__x_png' if still ambiguous)."""
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    relative = [p.resolve().relative_to(root) for p in paths]
+    stems = [str(r.with_suffix("")).replace(os.sep, "__") for r in relative]
+    if len(set(stems)) < len(stems):
+        stems = [str(r).replace(os.sep, "__").replace(".", "_") for r in relative]
+    return stems
 
 
 def cmd_segment(args) -> int:
+    from tqdm import tqdm
+
+    from .io import prepare_output_dir
     vocabulary = _vocabulary(args)
+    out_dir = prepare_output_dir(args.output)
+    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
+    for pattern in unmatched:
+        _error(f"{pattern}: no image found there")
+    if not paths:
+        return 1
     predictor = _build_predictor(args)
-    note = RANDOM_NOTE.split(".")[0] if args.weights == RANDOM_WEIGHTS else None
-    failures = 0
-    for path in map(Path, args.images):
+    random = predictor.backbone.weights.startswith("random")
+    note = RANDOM_NOTE.split(".")[0] if random else None
+    failures = len(unmatched)
+    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="img",
+                           disable=args.quiet or len(paths) < 2):
         try:
-            summary = _segment_one(predictor, path, vocabulary, Path(args.output), note)
-        except ImageError as error:
+            summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
+        except InputError as error:
             failures += 1
-            print(f"skipped {path}: {error}", file=sys.stderr)
+            tqdm.write(f"error: {error}", file=sys.stderr)
             continue
         found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
-        print(f"{path}: {found} -> {Path(args.output) / path.stem}_overlay.png")
+        tqdm.write(f"{path}: {found} -> {out_dir / stem}_overlay.png")
     return 1 if failures else 0
 
 
 def cmd_demo(args) -> int:
+    import numpy as np
     from PIL import Image
 
     from .data.export import scene_index
     from .data.synthetic import SyntheticWorld
     from .eval import SegmentationMetric
-    out_dir = Path(args.output)
+    from .io import atomic_path, prepare_output_dir
+    from .text import Vocabulary
+    from .visualize import overlay
+    if args.scene < 0 or args.zoom < 1:
+        raise UsageError("--scene must be >= 0 and --zoom >= 1")
+    out_dir = prepare_output_dir(args.output)
     world = SyntheticWorld(size=64, seed=0, max_objects=3)  # the world the shipped model was trained on
     scene = world.scene(scene_index("val", args.scene))
-    zoom = max(1, args.zoom)  # pixels are repeated for a picture people can see; the preset resizes anyway
+    zoom = args.zoom  # pixels are repeated for a picture people can see; the preset resizes anyway
     truth = scene.semantic.repeat(zoom, axis=0).repeat(zoom, axis=1)
     scene_path = out_dir / "demo_scene.png"
     with atomic_path(scene_path) as tmp:
         Image.fromarray(scene.image).resize((64 * zoom, 64 * zoom), Image.NEAREST).save(tmp, format="PNG")
     predictor = _build_predictor(args)
     backbone = predictor.backbone
-    random = backbone.weights.startswith(RANDOM_WEIGHTS)
+    random = backbone.weights.startswith("random")
     print(f"ovdense demo: model {backbone.name}, weights {backbone.weights}, method {predictor.method.name}, "
           f"mode {predictor.method.mode}, preset {predictor.protocol.name}")
     print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
     vocabulary = Vocabulary.parse(args.classes) if args.classes else Vocabulary.coerce(world.classes)
-    summary = _segment_one(predictor, scene_path, vocabulary, out_dir, RANDOM_NOTE.split(".")[0] if random else None)
+    summary = _segment_one(predictor, scene_path, vocabulary, out_dir, "demo_scene",
+                           RANDOM_NOTE.split(".")[0] if random else None)
     with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
         overlay(np.asarray(Image.open(scene_path)), truth, world.classes).save(tmp, format="PNG")
     print(f"scene {args.scene} of the synthetic val split; captions: " + " | ".join(c.text for c in scene.captions))
@@ -166,10 +255,20 @@ def _name_objects(backbone, scene) -> list[str]:
 
 
 def cmd_eval(args) -> int:
+    import json
+
+    import torch.distributed as dist
+
+    from .data import SegmentationDataset
     from .eval import evaluate_segmentation, format_table
+    from .io import check_output_file, write_text_atomic
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.output:
+        check_output_file(args.output)
     dataset = SegmentationDataset(args.dataset, args.root, args.split)
     predictor = _build_predictor(args, dataset=args.dataset)
-    metrics = evaluate_segmentation(predictor, dataset, limit=args.limit)
+    metrics = evaluate_segmentation(predictor, dataset, limit=args.limit, progress=not args.quiet)
     if dist.is_initialized():  # under torchrun every rank holds the summed metrics; rank 0 reports them
         rank = dist.get_rank()
         dist.destroy_process_group()
@@ -187,109 +286,225 @@ def cmd_eval(args) -> int:
 def cmd_synth(args) -> int:
     from .data.export import export_world
     from .data.synthetic import SyntheticWorld
+    from .io import prepare_output_dir
+    for option in ("train", "val", "size", "max_objects"):
+        if getattr(args, option) < (1 if option in ("size", "max_objects") else 0):
+            raise UsageError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    prepare_output_dir(args.output)
     world = SyntheticWorld(size=args.size, seed=args.seed, max_objects=args.max_objects)
-    out = export_world(world, args.output, {"train": args.train, "val": args.val})
+    out = export_world(world, args.output, {"train": args.train, "val": args.val}, progress=not args.quiet)
     print(f"wrote the synthetic world (seed {args.seed}, {args.size}px, {args.train} train / {args.val} val) to {out}")
     print(f"  evaluate on it: ovdense eval --dataset folder --root {out} ...")
     return 0
 
 
+def _check_train_flags(args) -> None:
+    """The train options that cannot work are UsageErrors, found before the recipe is read."""
+    from .device import resolve_device
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps: must be a positive number of steps, got {args.max_steps}")
+    for option in ("output", "export", "config"):
+        if getattr(args, option) is not None and not str(getattr(args, option)).strip():
+            raise UsageError(f"--{option}: must not be empty")
+    args.device = str(resolve_device(args.device))
+
+
 def cmd_train(args) -> int:
+    import os
+
     from .engine.recipe import load_recipe
+    _check_train_flags(args)
+    output = Path(args.output or f"runs/{args.what}")
     if args.what == "clip":
         from .engine.clip_pretrain import PretrainConfig, pretrain_clip
-        config = load_recipe(PretrainConfig, args.config)
-        if args.export:
-            config.export = args.export
-        _, scores = pretrain_clip(config, args.output, device=args.device, resume=not args.restart,
-                                  max_steps=args.max_steps)
+        recipe_class, train = PretrainConfig, pretrain_clip
+    else:
+        from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
+        from .engine.tcl_train import TCLRecipe, train_tcl
+        recipe_class, train = {"tcl": (TCLRecipe, train_tcl), "denseclip": (DenseCLIPRecipe, train_denseclip)}[args.what]
+    recipe = load_recipe(recipe_class, args.config)
+    if args.export:  # a path on the command line is relative to the current directory
+        recipe.export = os.path.abspath(os.path.expanduser(args.export))
+    result = train(recipe, output, device=args.device, resume=not args.restart, max_steps=args.max_steps)
+    export = result[-1]
+    if args.what == "clip":
+        scores = result[1]
         print("zero-shot shape accuracy on val object crops: "
               f"base {scores['zs_base_acc']:.1f}%, novel {scores['zs_novel_acc']:.1f}% "
               f"(chance {scores['chance_acc']:.1f}%, {scores['zs_crops']} crops); colour {scores['zs_colour_acc']:.1f}%")
-        if config.export:
-            print(f"wrote {config.export}")
+    if export is None:
+        steps = recipe.train_config().steps
+        print(f"stopped by --max-steps before the recipe's {steps} steps: nothing exported. The run resumes from "
+              f"{output / 'last.pt'}: run the same command again (without --restart) to continue.")
         return 0
-    from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
-    from .engine.tcl_train import TCLRecipe, train_tcl
-    recipe_class, train = {"tcl": (TCLRecipe, train_tcl), "denseclip": (DenseCLIPRecipe, train_denseclip)}[args.what]
-    recipe = load_recipe(recipe_class, args.config)
-    if args.export:
-        recipe.export = args.export
-    _, export = train(recipe, args.output, device=args.device, resume=not args.restart, max_steps=args.max_steps)
-    print(f"wrote {export}; segment with: ovdense segment IMAGE --method {args.what} --checkpoint {export} "
-          "--classes '...'")
+    if args.what == "clip":
+        print(f"wrote {export}")
+    else:
+        print(f"wrote {export}; segment with: ovdense segment IMAGE --method {args.what} --checkpoint {export} "
+              "--classes '...'")
     return 0
+
+
+def _dense_modes_of(name: str) -> str:
+    """The dense modes an open_clip architecture supports, from its config (no model is built)."""
+    import open_clip
+
+    from .catalog import RESNET_DENSE_MODES
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return "none (timm image tower)"
+    if isinstance(vision.get("layers"), (list, tuple)):
+        return ", ".join(RESNET_DENSE_MODES)
+    if vision.get("attentional_pool") or vision.get("attn_pooler_heads") and vision.get("attentional_pool"):
+        return "none (attention-pooled ViT)"
+    return ", ".join(DENSE_MODES)
 
 
 def cmd_models(args) -> int:
     import open_clip
+
+    from .backbones.loading import PACKAGED_WEIGHTS
+    print("Shipped with ovdense (offline, no download):")
+    for (name, tag), packaged in PACKAGED_WEIGHTS.items():
+        print(f"  {name} --weights {tag}  (preset {packaged.preset}; dense modes: {_dense_modes_of(name)})")
+        print(f"      {packaged.description}")
+    tags: dict[str, list[str]] = {}
     for name, tag in open_clip.list_pretrained():
-        print(f"{name:<32} {tag}")
+        tags.setdefault(name, []).append(tag)
+    print("\nopen_clip architectures (tags download once where the internet is reachable; or --weights FILE):")
+    print(f"  {'architecture':<34} {'dense modes':<40} pretrained tags")
+    for name in open_clip.list_models():
+        print(f"  {name:<34} {_dense_modes_of(name):<40} {', '.join(tags.get(name, [])) or '-'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovdense", description="Open-vocabulary dense prediction with CLIP.")
+    parser.add_argument("--version", action="version", version=f"ovdense {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: also open_clip's); "
+                                                                           "tracebacks on errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="segment a synthetic-world scene end to end; runs offline")
-    _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic", default_preset="synthetic")
+    demo = sub.add_parser("demo", formatter_class=_Formatter,
+                          help="segment a synthetic-world scene end to end; runs offline")
+    _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic")
     demo.add_argument("--classes", help="free-text classes (default: the synthetic world's 20 class names)")
     demo.add_argument("--scene", type=int, default=0, help="index of the val scene to segment")
     demo.add_argument("--zoom", type=int, default=4, help="the 64 px scene is shown this many times larger")
-    demo.add_argument("--output", default="outputs/demo")
+    demo.add_argument("--output", default="outputs/demo", help="folder for the pictures and JSON")
     demo.set_defaults(func=cmd_demo)
 
-    seg = sub.add_parser("segment", help="segment images with free-text classes")
-    seg.add_argument("images", nargs="+")
+    seg = sub.add_parser("segment", formatter_class=_Formatter, help="segment images with free-text classes")
+    seg.add_argument("images", nargs="+", help="image files, folders (their images) or globs ('photos/**/*.jpg')")
     seg.add_argument("--classes", help="'cat, dog; puppy, grass': ',' separates classes, ';' synonyms")
     seg.add_argument("--classes-file", help="one class per line, synonyms separated by ';'")
-    seg.add_argument("--output", default="outputs/segment")
+    seg.add_argument("--output", default="outputs/segment", help="folder for <stem>_overlay.png, _labels.png, .json")
     _add_model_args(seg)
     seg.set_defaults(func=cmd_segment)
 
-    ev = sub.add_parser("eval", help="mIoU of a method on a standard dataset")
-    ev.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    ev = sub.add_parser("eval", formatter_class=_Formatter, help="mIoU of a method on a standard dataset")
+    ev.add_argument("--dataset", required=True, choices=DATASETS)
     ev.add_argument("--root", required=True, help="dataset folder (see ovdense.data.datasets for layouts)")
     ev.add_argument("--split", default="val")
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
-    ev.add_argument("--output", help="write the metrics as JSON here")
+    ev.add_argument("--output", help="write the metrics as JSON to this file")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
-    synth = sub.add_parser("synth", help="export the synthetic world in the standard formats")
+    synth = sub.add_parser("synth", formatter_class=_Formatter, help="export the synthetic world in the standard formats")
     synth.add_argument("--output", default="data/synthetic")
-    synth.add_argument("--train", type=int, default=1000)
-    synth.add_argument("--val", type=int, default=100)
-    synth.add_argument("--size", type=int, default=96)
+    synth.add_argument("--train", type=int, default=1000, help="train scenes")
+    synth.add_argument("--val", type=int, default=100, help="val scenes")
+    synth.add_argument("--size", type=int, default=96, help="scene size in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--max-objects", type=int, default=4)
     synth.set_defaults(func=cmd_synth)
 
-    train = sub.add_parser("train", help="train a model from a YAML recipe")
+    train = sub.add_parser("train", formatter_class=_Formatter, help="train a model from a YAML recipe")
     train.add_argument("what", choices=["clip", "tcl", "denseclip"],
                        help="clip: a tiny CLIP from scratch on synthetic captions; tcl: TCL from image-caption pairs; "
                             "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset")
     train.add_argument("--config", required=True, help="YAML recipe (see configs/)")
-    train.add_argument("--output", default="runs/train", help="checkpoints (last.pt) and metrics.csv go here")
-    train.add_argument("--export", help="write the trained weights here (default: the recipe's, else in --output)")
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    train.add_argument("--max-steps", type=int, help="stop after this many more steps (resume later)")
+    train.add_argument("--output", help="the run folder: checkpoint (last.pt), metrics.csv and, by default, the "
+                                        "exported weights (default: runs/clip, runs/tcl or runs/denseclip)")
+    train.add_argument("--export", help="write the final weights to this file (default: the recipe's export, "
+                                        "relative to --output, else a file in --output); never inside the "
+                                        "installed ovdense package")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    train.add_argument("--restart", action="store_true",
+                       help="start from step 0 instead of resuming; the old last.pt is replaced at the first checkpoint")
+    train.add_argument("--max-steps", type=int, help="stop after this many more steps (resume later); a run "
+                                                     "stopped before the recipe's steps exports nothing")
     train.set_defaults(func=cmd_train)
 
-    models = sub.add_parser("models", help="list open_clip architectures and pretrained tags")
+    models = sub.add_parser("models", help="list the shipped model and open_clip's architectures, tags and dense modes")
     models.set_defaults(func=cmd_models)
     return parser
+
+
+def _error(message) -> None:
+    """One `error:` line (continuation lines of a long message are indented under it)."""
+    lines = str(message).strip().splitlines() or ["unknown error"]
+    print("error: " + "\n  ".join(lines), file=sys.stderr)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (tqdm and test harnesses replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@contextmanager
+def _logging(verbosity: int):
+    """For one command: ovdense's messages at WARNING (-q: ERROR, -v: INFO) as 'LEVEL: message' lines; other
+    libraries' logs and warnings only with -vv. The previous logging and warning settings come back after."""
+    root = logging.getLogger()
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.level)
+    logger.handlers[:] = [_StderrHandler()]
+    logger.handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.setLevel(logging.ERROR if verbosity < 0 else logging.WARNING if verbosity == 0 else logging.INFO)
+    logger.propagate = False
+    root.setLevel(logging.INFO if verbosity > 1 else logging.ERROR)  # open_clip logs to the root logger
+    with warnings.catch_warnings():
+        if verbosity < 2:
+            warnings.filterwarnings("ignore", module=r"(open_clip|torch|torchvision|timm|huggingface_hub)(\.|$)")
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+            logger.handlers[:], logger.level, logger.propagate = saved[:3]
+            root.setLevel(saved[3])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (WeightsNotFoundError, ImageError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        with _logging(-1 if args.quiet else args.verbose):
+            return args.func(args)
+    except UsageError as error:
+        _error(error)
         return 2
+    except (InputError, ValueError, OSError) as error:  # bad data, files, settings; disk and permission errors
+        if args.verbose:
+            logger.exception("traceback")
+        _error(error)
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as error:  # a bug: one line, the traceback with -v
+        if args.verbose:
+            logger.exception("traceback")
+        _error(f"unexpected {type(error).__name__}: {error} (run with -v for the traceback, and please report it)")
+        return 1
 
 
 if __name__ == "__main__":
