@@ -194,3 +194,31 @@ def test_labels_computed_in_bands_equal_full_resolution(monkeypatch):
     monkeypatch.setattr(module, "_BAND_ELEMENTS", 5 * 101 * len(vocab.queries))  # bands of 5 rows
     labels = module._assign_labels(logits, to_probs, (70, 101), 0, protocol)
     assert small.any() and (labels == expected).float().mean() > 0.999
+
+
+def test_a_stride_larger_than_the_crop_is_refused():
+    from ovdense.errors import UsageError
+    with pytest.raises(UsageError, match="stride"):
+        Protocol("t", crop=64, stride=112)
+
+
+def test_synonyms_keep_negative_scores():
+    """Key-smoothed confidences can be negative; merging synonyms must not clamp them at 0."""
+    import ovdense.predictor as module
+    from ovdense.text import Vocabulary
+    vocab = Vocabulary.parse("red; crimson, blue")
+    scores = torch.tensor([-0.3, -0.2, -0.1]).view(3, 1, 1)
+    merged = module._class_probabilities(scores, vocab, softmax=False)
+    torch.testing.assert_close(merged.flatten(), torch.tensor([-0.2, -0.1]))
+
+
+def test_tcl_preset_keeps_the_background_virtual(tiny_vit, scene, monkeypatch):
+    """TCL scores only the real classes; its background is the threshold alone, even when the dataset's class list
+    gives the background synonyms (kakaobrain/tcl tcl_seg.py: a constant bg_thresh channel)."""
+    method = MaskCLIP(tiny_vit)
+    asked = []
+    embed = method.embed_text
+    monkeypatch.setattr(method, "embed_text", lambda queries, *a: asked.append(list(queries)) or embed(queries, *a))
+    protocol = PRESETS["tcl"].for_dataset("voc21").updated(short_side=64)
+    result = SegmentationPredictor(method, protocol, cache=TextEmbeddingCache())(scene, "background; sky; wall, red, blue")
+    assert asked == [["red", "blue"]] and result.class_names == ["background", "red", "blue"]

@@ -9,4 +9,4 @@ METHODS = ("maskclip", "tcl", "denseclip")
 TRAINED_METHODS = ("tcl", "denseclip")
 DATASETS = ("voc21", "voc20", "context60", "context59", "coco_stuff171", "coco_object", "ade150", "cityscapes",
             "folder")
-TEMPLATE_SETS = ("imagenet80", "single", "none")
+TEMPLATE_SETS = ("imagenet80", "single", "tcl", "none")

@@ -79,8 +79,8 @@ def _build_predictor(args, dataset: str | None = None):
     import torch
 
     from .device import resolve_device
-    from .methods import load_method, recommended_preset
-    from .predictor import SegmentationPredictor
+    from .methods import recommended_preset
+    from .predictor import build_predictor
     from .presets import get_protocol
     from .text.cache import disable_disk_cache
     device = resolve_device(args.device)
@@ -92,20 +92,20 @@ def _build_predictor(args, dataset: str | None = None):
     recommended = recommended_preset(args.method, model, weights, args.checkpoint)
     args.preset = args.preset or recommended or "default"
     protocol = get_protocol(args.preset).for_dataset(dataset)
-    protocol = protocol.updated(
-        short_side=args.short_side, stride=args.stride, templates=args.templates, logit_scale=args.logit_scale,
-        pamr_iterations=args.pamr_iterations, background_threshold=args.background_threshold,
-        area_threshold=args.area_threshold, prompt_denoising=args.prompt_denoising,
-        key_smoothing=args.key_smoothing)
-    if args.crop is not None:  # 0 means whole-image inference
+    changes = dict(short_side=args.short_side, stride=args.stride, templates=args.templates,
+                   logit_scale=args.logit_scale, pamr_iterations=args.pamr_iterations,
+                   background_threshold=args.background_threshold, area_threshold=args.area_threshold,
+                   prompt_denoising=args.prompt_denoising, key_smoothing=args.key_smoothing)
+    if args.crop is not None:  # 0: whole-image inference; a smaller crop takes a stride that still covers the image
         whole = args.crop == 0
-        protocol = replace(protocol, crop=None if whole else args.crop,
-                           stride=None if whole else args.stride or protocol.stride)
-    method = load_method(args.method, model, weights, None if trained else args.mode or protocol.mode,
-                         args.checkpoint, str(device))
-    precision = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None
+        stride = None if whole else args.stride or min(protocol.stride or args.crop, args.crop)
+        protocol = replace(protocol, crop=None if whole else args.crop, stride=stride)
+        changes.pop("stride")
+    protocol = protocol.updated(**changes)
     logger.info("preset %s (%s)", args.preset, "recommended by the weights" if args.preset == recommended else "chosen")
-    return SegmentationPredictor(method, protocol, batch_size=args.batch_size, autocast=precision)
+    return build_predictor(model, weights, args.method, args.mode, preset=protocol, device=str(device),
+                           checkpoint=args.checkpoint, batch_size=args.batch_size,
+                           autocast=(torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None)
 
 
 def _describe(predictor) -> dict:
@@ -185,14 +185,16 @@ def cmd_segment(args) -> int:
     predictor = _build_predictor(args)
     random = predictor.backbone.weights.startswith("random")
     note = RANDOM_NOTE.split(".")[0] if random else None
+    import torch
     failures = len(unmatched)
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="img",
                            disable=args.quiet or len(paths) < 2):
         try:
             summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
-        except InputError as error:
+        except (InputError, MemoryError, torch.OutOfMemoryError) as error:  # this image fails; the others go on
             failures += 1
-            tqdm.write(f"error: {error}", file=sys.stderr)
+            reason = str(error) if isinstance(error, InputError) else f"{path}: out of memory ({error})"
+            tqdm.write(f"error: {reason}", file=sys.stderr)
             continue
         found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
         tqdm.write(f"{path}: {found} -> {out_dir / stem}_overlay.png")

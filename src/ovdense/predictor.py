@@ -185,7 +185,7 @@ class SegmentationPredictor:
         protocol = self.protocol.updated(**overrides)
         vocab = Vocabulary.coerce(vocabulary)
         if protocol.background_threshold is not None:
-            vocab = vocab.with_background()
+            vocab = vocab.with_virtual_background() if protocol.virtual_background else vocab.with_background()
         if not vocab.queries:
             raise ValueError("the vocabulary has no class to look for besides the background")
         text = self.method.embed_text(vocab.queries, resolve_templates(protocol.templates), self.cache).to(self.device)
@@ -195,9 +195,10 @@ class SegmentationPredictor:
             self.method.crop_logits({key: value[i:i + self.batch_size] for key, value in embedded.items()},
                                     text, protocol)
             for i in range(0, len(windows), self.batch_size)])
-        logits = merge_windows(logits, windows, tuple(pixels.shape[-2:]), self._image["padding"])  # (Q, h, w)
+        working = tuple(pixels.shape[-2:])
+        logits = merge_windows(logits, windows, working, self._image["padding"])  # (Q, h, w)
         if protocol.pamr_iterations > 0 and not (protocol.pamr_at == "mask" and self.method.pamr_on_masks):
-            size = tuple(pixels.shape[-2:])
+            size = working
             if protocol.pamr_at == "original":  # the image's own size, long side at most 2048
                 height, width = self._image["rgb"].shape[:2]
                 size = short_side_size(height, width, min(height, width), max_long_side=2048)
@@ -209,6 +210,8 @@ class SegmentationPredictor:
             logits = logits * protocol.logit_scale
         to_probabilities = partial(_class_probabilities, vocab=vocab, softmax=kind != "probability")
         labels = _assign_labels(logits, to_probabilities, self._image["rgb"].shape[:2], vocab.background, protocol)
+        if tuple(logits.shape[-2:]) != working:  # PAMR ran at the original size: scores stay at the working size
+            logits = F.interpolate(logits[None], size=working, mode="bilinear", align_corners=False, antialias=True)[0]
         return SegmentationResult(labels.cpu().numpy(), to_probabilities(logits).cpu(), vocab.names,
                                   image=self._image["rgb"])
 
@@ -225,7 +228,7 @@ def _class_probabilities(logits: torch.Tensor, vocab: Vocabulary, softmax: bool 
     probs = logits.softmax(dim=0) if softmax else logits
     owner = torch.tensor(vocab.query_to_class, device=logits.device)
     out = probs.new_zeros((len(vocab), *probs.shape[1:]))
-    return out.scatter_reduce_(0, owner[:, None, None].expand_as(probs), probs, "amax")
+    return out.scatter_reduce_(0, owner[:, None, None].expand_as(probs), probs, "amax", include_self=False)
 
 
 def _assign_labels(logits: torch.Tensor, to_probabilities, size: tuple[int, int], background: int | None,

@@ -28,9 +28,12 @@ class Protocol:
     logit_scale: multiplies cosine similarities before the softmax over classes.
     pamr_iterations, pamr_dilations: PAMR refinement of the logits (0 iterations: off).
     pamr_at: where PAMR runs: 'original' (the logits resized to the image's own size, at most 2048 on the long
-        side; SCLIP, NACLIP), 'mask' (each crop's masks at the method's mask resolution; TCL) or 'working'
-        (the resized image; cheapest).
+        side; SCLIP, NACLIP), 'mask' (each crop's masks at the method's mask resolution, before anything else
+        the method mixes in; TCL; other methods run it at the working size) or 'working' (the resized image;
+        cheapest).
     background_threshold: pixels whose best class probability is below it become background.
+    virtual_background: the background class gets no text query, only the threshold (TCL's constant background
+        channel), even where the dataset's class list names it or gives it synonyms.
     area_threshold: non-background classes covering at most this fraction of the predicted
         foreground are dropped (SCLIP's VOC rule).
     prompt_denoising: MaskCLIP's: classes whose best confidence (softmax of 100 x cosine) anywhere in a crop is
@@ -53,6 +56,7 @@ class Protocol:
     pamr_dilations: tuple[int, ...] = (8, 16)
     pamr_at: str = "original"
     background_threshold: float | None = None
+    virtual_background: bool = False
     area_threshold: float | None = None
     prompt_denoising: float = 0.0
     key_smoothing: float = 0.0
@@ -64,6 +68,9 @@ class Protocol:
         for key, value in positive.items():
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise UsageError(f"{key} (--{key.replace('_', '-')}) must be a positive number of pixels, got {value!r}")
+        if self.crop is not None and self.stride is not None and self.stride > self.crop:
+            raise UsageError(f"stride (--stride) {self.stride} is larger than the crop (--crop) {self.crop}: the "
+                             "windows would leave parts of the image out")
         checks = {
             "logit_scale": self.logit_scale > 0,
             "pamr_iterations": isinstance(self.pamr_iterations, int) and self.pamr_iterations >= 0,
@@ -119,16 +126,16 @@ PRESETS: dict[str, Protocol] = {
             "context60": {"background_threshold": 0.1},
             "coco_object": {"background_threshold": 0.1},
         }),
-    # TCL (kakaobrain/tcl): 448 short side, ImageNet mean / std, 448/224 windows padded to the patch size, PAMR
-    # on each crop's masks at mask resolution, background threshold 0.4.
+    # TCL (kakaobrain/tcl): 448 short side, ImageNet mean / std, 448/224 windows padded to the patch size, its
+    # 'custom' templates, PAMR on each crop's masks at mask resolution, a background of threshold 0.4 only.
     "tcl": Protocol(
-        "tcl", short_side=448, normalize="imagenet", crop=448, stride=224, pad="centre", pamr_iterations=10,
-        pamr_dilations=(1, 2, 4, 8, 12, 24), pamr_at="mask",
+        "tcl", short_side=448, normalize="imagenet", crop=448, stride=224, pad="centre", templates="tcl",
+        pamr_iterations=10, pamr_dilations=(1, 2, 4, 8, 12, 24), pamr_at="mask", virtual_background=True,
         dataset_overrides={name: {"background_threshold": 0.4} for name in ("voc21", "context60", "coco_object")}),
     # ClearCLIP (mc-lan/ClearCLIP configs): 448 short side, 448/224 windows padded to the patch size, scale 50.
     "clearclip": Protocol(
         "clearclip", short_side=448, crop=448, stride=224, pad="centre", logit_scale=50.0, mode="clearclip",
-        dataset_overrides={"cityscapes": {"crop": 224, "stride": 112},
+        dataset_overrides={"cityscapes": {"crop": 224, "stride": 224},
                            "voc21": {"background_threshold": 0.5},
                            "context60": {"background_threshold": 0.15},
                            "coco_object": {"background_threshold": 0.4}}),

@@ -309,11 +309,11 @@ class CLIPBackbone(nn.Module):
         x, grid = self._vit_embed(images.to(self.dtype), pos_resize)
         return self._vit_blocks(x, self.visual.transformer.resblocks[:depth]), grid
 
-    def vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int], block: nn.Module | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width).
+    def vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int], block: nn.Module | None = None,
+                       with_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A last block in one of `DENSE_MODES`: (B, N, width) -> tokens (B, N, width), keys (B, N, width) or None.
 
-        The keys are MaskCLIP's, for its key smoothing: out_proj(W_k ln_1(x) + b_k).
+        The keys are MaskCLIP's, for its key smoothing: out_proj(W_k ln_1(x) + b_k) (computed `with_keys` only).
 
         block: the transformer block to run (default: this CLIP's last; TCL passes its trainable copy).
         """
@@ -339,7 +339,7 @@ class CLIPBackbone(nn.Module):
                 out = F.scaled_dot_product_attention(k, k, v, attn_mask=bias)
             out = out.transpose(1, 2).flatten(2)
             k = k.transpose(1, 2).flatten(2)
-        out, k = attn.out_proj(out), attn.out_proj(k)
+        out, k = attn.out_proj(out), attn.out_proj(k) if with_keys else None
         if residual:
             out = x + block.ls_1(out)
         if ffn:

@@ -17,9 +17,8 @@ from ..data.synthetic import COLOURS, SyntheticWorld
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from . import checks
-from .checks import within
-from .recipe import check_export, check_model_name, check_world, run_paths, validated
-from .trainer import TrainConfig, Trainer, check_resume, seeded
+from .recipe import TrainSection, check_export, check_model_name, check_world, run_paths, validated
+from .trainer import Trainer, check_resume, seeded
 
 
 def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:
@@ -114,7 +113,7 @@ def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int =
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainSection):
     """A tiny-CLIP recipe (YAML): architecture, world, data size, training settings, export path.
 
     model: an open_clip architecture, trained from random weights (initialised from train.seed).
@@ -144,11 +143,6 @@ class PretrainConfig:
         checks.integer("eval_scenes", self.eval_scenes, minimum=1)
         self.train_config()
         check_export(self.export)
-
-    def train_config(self) -> TrainConfig:
-        train = checks.mapping("train", self.train if self.train is not None else {})
-        with within("train."):
-            return TrainConfig.from_dict(train)
 
 
 def build_clip(config: PretrainConfig) -> torch.nn.Module:

@@ -14,9 +14,9 @@ from ..errors import InputError
 from ..methods.denseclip import DenseCLIP
 from . import checks
 from .checks import within
-from .recipe import (check_clip, check_eval, check_export, check_synthesize, ensure_synthetic, run_paths,
-                     segmentation_dataset, segmentation_evaluator, validated)
-from .trainer import TrainConfig, Trainer, check_resume, seeded
+from .recipe import (TrainSection, check_clip, check_eval, check_export, check_synthesize, segmentation_dataset,
+                     segmentation_evaluator, start_run)
+from .trainer import Trainer, seeded
 
 
 DENSECLIP_DATA_KEYS = ("dataset", "root", "split", "synthesize", "augment")
@@ -25,7 +25,7 @@ _POSITIVE_INTEGERS = ("context_tokens", "name_length", "decoder_width", "decoder
 
 
 @dataclass
-class DenseCLIPRecipe:
+class DenseCLIPRecipe(TrainSection):
     """A DenseCLIP training recipe (YAML).
 
     model, weights: the CLIP it starts from. method: DenseCLIP constructor arguments (class_names
@@ -90,11 +90,6 @@ class DenseCLIPRecipe:
         self.train_config()
         check_export(self.export)
 
-    def train_config(self) -> TrainConfig:
-        train = checks.mapping("train", self.train if self.train is not None else {})
-        with within("train."):
-            return TrainConfig.from_dict(train)
-
 
 def check_augment(values) -> SegmentationAugment:
     """data.augment: SegmentationAugment fields, each checked."""
@@ -133,16 +128,9 @@ def train_denseclip(recipe: DenseCLIPRecipe, out_dir: str | Path, device: str = 
     The recipe is checked first; its data is synthesized and opened before the CLIP is loaded. A run stopped by
     `max_steps` before train.steps saves nothing (the path is None): it resumes from out_dir/last.pt.
     """
-    validated(recipe)
-    out_dir, export = run_paths(out_dir, recipe.export, "denseclip.safetensors")
-    if resume:
-        check_resume(out_dir, "denseclip")
-    config = recipe.train_config()
+    out_dir, export, config = start_run(recipe, out_dir, "denseclip", resume, progress)
     data = recipe.data
-    where = f"{recipe.source or 'DenseCLIPRecipe'}: "
-    with within(where + "data."):
-        ensure_synthetic(data.get("synthesize"), progress)
-    with within(where):
+    with within(f"{recipe.source or 'DenseCLIPRecipe'}: "):
         segmentation = segmentation_dataset("data", data["dataset"], data["root"], data.get("split", "train"))
         evaluate = segmentation_evaluator(recipe.eval, lambda m: m.denseclip)
     backbone = load_clip(recipe.model, recipe.weights, device=device)

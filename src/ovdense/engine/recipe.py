@@ -32,6 +32,7 @@ from ..predictor import SegmentationPredictor
 from ..presets import PRESETS
 from . import checks
 from .checks import within
+from .trainer import TrainConfig, check_resume
 
 SYNTHESIZE_DEFAULTS = {"size": 64, "seed": 0, "max_objects": 3, "train": 1000, "val": 100}
 EVAL_KEYS = ("dataset", "root", "split", "limit", "preset")
@@ -253,3 +254,25 @@ def run_paths(out_dir: str | Path, export: str | Path | None, default_name: str)
     if export.is_dir():
         raise InputError(f"export: {export} is a folder; give the file the weights go to (.safetensors)")
     return out_dir, export
+
+
+class TrainSection:
+    """What the recipe dataclasses share: their `train` mapping, read as a checked TrainConfig."""
+
+    def train_config(self) -> TrainConfig:
+        train = checks.mapping("train", self.train if self.train is not None else {})
+        with within("train."):
+            return TrainConfig.from_dict(train)
+
+
+def start_run(recipe, out_dir: str | Path, method: str, resume: bool, progress: bool
+              ) -> tuple[Path, Path, TrainConfig]:
+    """The start of a method's training: the whole recipe checked, the run folder and the export path, a
+    checkpoint to resume checked to be this method's, and the recipe's synthetic data exported."""
+    validated(recipe)
+    out_dir, export = run_paths(out_dir, recipe.export, f"{method}.safetensors")
+    if resume:
+        check_resume(out_dir, method)
+    with within(f"{recipe.source or type(recipe).__name__}: data."):
+        ensure_synthetic(recipe.data.get("synthesize"), progress)
+    return out_dir, export, recipe.train_config()

@@ -13,16 +13,16 @@ from ..errors import InputError
 from ..methods.tcl import TCL, TCLLossWeights
 from . import checks
 from .checks import within
-from .recipe import (check_clip, check_eval, check_export, check_synthesize, ensure_synthetic, run_paths,
-                     segmentation_evaluator, validated)
-from .trainer import TrainConfig, Trainer, check_resume, seeded
+from .recipe import (TrainSection, check_clip, check_eval, check_export, check_synthesize, segmentation_evaluator,
+                     start_run)
+from .trainer import Trainer, seeded
 
 
 TCL_DATA_KEYS = ("sources", "text", "image_size", "scale", "synthesize")
 
 
 @dataclass
-class TCLRecipe:
+class TCLRecipe(TrainSection):
     """A TCL training recipe (YAML).
 
     model, weights: the frozen CLIP (open_clip name and tag / file); a ViT.
@@ -88,11 +88,6 @@ class TCLRecipe:
         self.train_config()
         check_export(self.export)
 
-    def train_config(self) -> TrainConfig:
-        train = checks.mapping("train", self.train if self.train is not None else {})
-        with within("train."):
-            return TrainConfig.from_dict(train)
-
     def sources(self) -> list[str]:
         sources = self.data["sources"]
         return [sources] if isinstance(sources, str) else list(sources)
@@ -126,13 +121,7 @@ def train_tcl(recipe: TCLRecipe, out_dir: str | Path, device: str = "cpu", resum
     The recipe is checked first; its data is synthesized and found before the CLIP is loaded. A run stopped by
     `max_steps` before train.steps saves nothing (the path is None): it resumes from out_dir/last.pt.
     """
-    validated(recipe)
-    out_dir, export = run_paths(out_dir, recipe.export, "tcl.safetensors")
-    if resume:
-        check_resume(out_dir, "tcl")
-    config = recipe.train_config()
-    with within(f"{recipe.source or 'TCLRecipe'}: data."):
-        ensure_synthetic(recipe.data.get("synthesize"), progress)
+    out_dir, export, config = start_run(recipe, out_dir, "tcl", resume, progress)
     _check_sources(recipe)
     with within(f"{recipe.source or 'TCLRecipe'}: "):
         evaluate = segmentation_evaluator(recipe.eval, lambda m: m.tcl)

@@ -27,7 +27,7 @@ def load_method(name: str, model: str | None = None, weights: str | None = None,
         if not checkpoint:
             raise UsageError(f"method {name!r} is trained: pass its checkpoint (--checkpoint PATH), "
                              f"made by `ovdense train {name} --config ...`")
-        recorded = read_trained(checkpoint)[0]["model"]
+        recorded = read_trained(checkpoint, tensors=False)[0]["model"]
         if model and model != recorded:
             raise ValueError(f"{checkpoint} was trained on {recorded}, not {model}")
         return METHODS[name].from_checkpoint(checkpoint, device=device, weights=weights)
@@ -40,7 +40,7 @@ def recommended_preset(name: str, model: str | None = None, weights: str | None 
                        checkpoint: str | None = None) -> str | None:
     """The inference preset that a trained checkpoint or shipped weights record, or None."""
     if name in TRAINED_METHODS and checkpoint:
-        return read_trained(checkpoint)[0].get("preset")
+        return read_trained(checkpoint, tensors=False)[0].get("preset")
     packaged = PACKAGED_WEIGHTS.get((model, weights))
     return packaged.preset if packaged else None
 

@@ -79,8 +79,8 @@ def save_trained(method: nn.Module, path: str | Path, config: dict, preset: str 
     return Path(path)
 
 
-def read_trained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata with 'config' decoded, state dict) of a file written by `save_trained`.
+def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata with 'config' decoded, state dict (empty unless `tensors`)) of a file written by `save_trained`.
 
     Raises CheckpointError naming the file when it is missing, a folder, not a safetensors file (a pickle is
     never unpickled), damaged, or a safetensors file without ovdense's method metadata.
@@ -93,7 +93,7 @@ def read_trained(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            state = {key: handle.get_tensor(key) for key in handle.keys()}
+            state = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable method checkpoint: it must be a complete safetensors "
                               f"file written by `ovdense train` ({error})") from error

@@ -181,7 +181,7 @@ class TCL(DenseMethod):
     def ground(self, tokens: torch.Tensor, grid: tuple[int, int], train_block: bool = True) -> torch.Tensor:
         """CLIP tokens before the last block (B, 1 + h*w, width) -> dense embeddings (B, D, h*u, w*u), u = 4."""
         with torch.set_grad_enabled(train_block and torch.is_grad_enabled()):
-            x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid, block=self.block)
+            x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid, block=self.block, with_keys=False)
             x = self.block_norm(x[:, 1:])
         x = x.transpose(1, 2).reshape(len(x), -1, *grid)
         x = self.proj_norm(self.decoder(x))
@@ -233,7 +233,7 @@ class TCL(DenseMethod):
         norm; 'pixels': (B, 3, 4h, 4w) the crops at mask resolution, for PAMR}."""
         tokens, grid = self.backbone.vit_tokens(crops, depth=-1)
         dense = self.ground(tokens, grid).float()
-        x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid)
+        x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid, with_keys=False)
         visual = self.backbone.visual
         clip = (visual.ln_post(x[:, 1:]) @ visual.proj).float().transpose(1, 2).reshape(len(x), -1, *grid)
         pixels = F.interpolate(crops.float(), size=dense.shape[-2:], mode="bilinear", align_corners=True)

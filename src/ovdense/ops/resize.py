@@ -23,31 +23,25 @@ def resize_image(pixels: torch.Tensor, size: tuple[int, int], antialias: bool) -
     return out.round().clamp(0, 255)
 
 
-def linear_weights(n_out: int, n_in: int, device=None) -> torch.Tensor:
-    """(n_out, n_in) matrix of 1-D linear interpolation weights, as F.interpolate(mode='bilinear',
-    align_corners=False) computes them for an output size."""
-    scale = n_in / n_out
-    source = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0)
+def _linear_taps(n_out: int, n_in: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each of n_out positions, the two source indices and the weight of the second, as F.interpolate
+    (mode='bilinear', align_corners=False) computes them for an output size."""
+    source = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     low = source.floor().long().clamp_max(n_in - 1)
     high = torch.where(low < n_in - 1, low + 1, low)
-    frac = (source - low).clamp(0, 1)
-    weights = torch.zeros(n_out, n_in, dtype=torch.float64, device=device)
-    rows = torch.arange(n_out, device=device)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights.float()
+    return low, high, (source - low).clamp(0, 1).float()
 
 
 def upsampled_rows(maps: torch.Tensor, size: tuple[int, int], rows: int):
     """Bilinear resize (align_corners=False) of (K, h, w) maps to (K, H, W), yielded as (first row, (K, n, W))
     bands of at most `rows` rows, so that K x H x W is never held at once."""
     height, width = size
-    if tuple(maps.shape[-2:]) == (height, width):
-        for start in range(0, height, rows):
-            yield start, maps[:, start:start + rows]
-        return
-    across = linear_weights(width, maps.shape[-1], maps.device).T  # (w, W)
-    down = linear_weights(height, maps.shape[-2], maps.device)  # (H, h)
+    low, high, frac = _linear_taps(height, maps.shape[-2], maps.device)
     for start in range(0, height, rows):
-        band = torch.einsum("nh,khw->knw", down[start:start + rows], maps.float())
-        yield start, band @ across
+        stop = min(start + rows, height)
+        weight = frac[start:stop, None]
+        band = maps[:, low[start:stop]] * (1 - weight) + maps[:, high[start:stop]] * weight  # (K, n, w)
+        if band.shape[-1] != width:  # the rows are already at their height: only the width is resized
+            band = F.interpolate(band[None].float(), size=(stop - start, width), mode="bilinear",
+                                 align_corners=False)[0]
+        yield start, band

@@ -10,6 +10,10 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
+    # TCL's evaluation templates ('custom' in kakaobrain/tcl datasets/templates.py)
+    "tcl": ("itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
+            "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of many {}.",
+            "a photo of {}s."),
     "none": ("{}",),
 }
 
@@ -101,6 +105,15 @@ class Vocabulary:
         if self.background is not None:
             return self
         return Vocabulary((ClassSpec(BACKGROUND, tuple(prompts)),) + self.classes, background=0)
+
+    def with_virtual_background(self) -> "Vocabulary":
+        """Make the background class virtual (no text query; the threshold alone assigns it), adding it as class 0
+        if there is none."""
+        if self.background is None:
+            return self.with_background()
+        classes = list(self.classes)
+        classes[self.background] = ClassSpec(classes[self.background].name, ())
+        return Vocabulary(tuple(classes), background=self.background)
 
     @property
     def names(self) -> list[str]:
