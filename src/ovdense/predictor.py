@@ -202,12 +202,12 @@ class SegmentationPredictor:
             if protocol.pamr_at == "original":  # the image's own size, long side at most 2048
                 height, width = self._image["rgb"].shape[:2]
                 size = short_side_size(height, width, min(height, width), max_long_side=2048)
-                logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
             image = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False)
-            logits = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(image, logits[None])[0]
+            # the logits are resized to that size (align_corners=False) chunk by chunk inside PAMR
+            logits = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(image, logits[None], align_corners=False)[0]
         kind = self.method.score_kind(protocol)
         if kind == "cosine":  # cosine similarities take the protocol's logit scale; trained heads' logits do not
-            logits = logits * protocol.logit_scale
+            logits.mul_(protocol.logit_scale)  # a tensor of this call's own: scaled in place
         to_probabilities = partial(_class_probabilities, vocab=vocab, softmax=kind != "probability")
         labels = _assign_labels(logits, to_probabilities, self._image["rgb"].shape[:2], vocab.background, protocol)
         if tuple(logits.shape[-2:]) != working:  # PAMR ran at the original size: scores stay at the working size

@@ -43,17 +43,19 @@ class PAMR(nn.Module):
         logits = torch.stack([(-(image - n).abs() / scale).mean(dim=1) for n in _shifted(image, self.dilations)], 1)
         return logits.softmax(dim=1)
 
-    def forward(self, image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined (masks first resized with
-        align_corners=True, as the official code does)."""
+    def forward(self, image: torch.Tensor, masks: torch.Tensor, align_corners: bool = True) -> torch.Tensor:
+        """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined. The masks are first resized to the
+        image bilinearly, a chunk at a time: align_corners=True inside the official PAMR module, False where the
+        official code resizes logits to the image size before calling it (SCLIP, NACLIP)."""
         affinity = self.affinity(image)
-        out = []
-        for part in masks.float().split(self.chunk, dim=1):
-            part = F.interpolate(part, size=image.shape[-2:], mode="bilinear", align_corners=True)
+        out = masks.new_empty((masks.shape[0], masks.shape[1], *image.shape[-2:]), dtype=torch.float32)
+        for start in range(0, masks.shape[1], self.chunk):
+            part = F.interpolate(masks[:, start:start + self.chunk].float(), size=image.shape[-2:], mode="bilinear",
+                                 align_corners=align_corners)
             for _ in range(self.iterations):
                 refined = torch.zeros_like(part)
                 for p, neighbour in enumerate(_shifted(part, self.dilations)):
                     refined += neighbour * affinity[:, p:p + 1]
                 part = refined
-            out.append(part)
-        return torch.cat(out, dim=1)
+            out[:, start:start + part.shape[1]] = part
+        return out
