@@ -57,7 +57,7 @@ def test_eval_on_a_folder_dataset(tmp_path, scene, capsys):
     _folder_dataset(root, scene, 2)
     report = tmp_path / "metrics.json"
     assert main(["eval", "--dataset", "folder", "--root", str(root), "--output", str(report), *TINY]) == 0
-    metrics = json.loads(report.read_text())
+    metrics = json.loads(report.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert metrics["images"] == 2 and metrics["classes"] == ["red", "blue"]
     assert 0 <= metrics["metrics"]["mIoU"] <= 100
     assert "mIoU" in capsys.readouterr().out
@@ -113,6 +113,13 @@ def test_segment_takes_folders_and_globs_and_keeps_same_named_outputs_apart(tmp_
     assert json.loads((out / "b__photo.json").read_text())["image"].endswith("b/photo.png")
     assert main(["segment", str(tmp_path / "nothing-*.png"), "--classes", "red", "--output", str(out), *TINY]) == 1
     assert "nothing-*.png: no image found" in capsys.readouterr().err
+    Image.fromarray(scene).save(tmp_path / "a__photo.png")  # a third image whose outputs would collide
+    again = tmp_path / "again"
+    assert main(["segment", str(tmp_path / "a"), str(tmp_path / "b" / "photo.png"), str(tmp_path / "a__photo.png"),
+                 str((tmp_path / "a__photo.png").resolve()), "--classes", "red, blue", "--output", str(again),
+                 *TINY]) == 0
+    assert sorted(p.name for p in again.glob("*.json")) == ["a__photo-2.json", "a__photo.json", "b__photo.json"]
+    assert json.loads((again / "a__photo-2.json").read_text())["image"].endswith("a__photo.png")
 
 
 @pytest.mark.parametrize("argv,code,message", [
@@ -166,6 +173,27 @@ def test_shipped_weights_bring_their_preset_and_half_precision_runs(images, tmp_
     labels = np.asarray(Image.open(out / "scene_labels.png"))
     assert main([*args, "--half"]) == 0  # bf16 on this CPU
     assert (np.asarray(Image.open(out / "scene_labels.png")) == labels).mean() > 0.9
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", "x.png", "--preset", "nope"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error:") and "--preset" in err
+
+
+def test_a_checkpoint_brings_its_method(tmp_path, images, capsys):
+    from ovdense.backbones import load_clip
+    from ovdense.methods import TCL
+    good, _, _ = images
+    path = TCL(load_clip("tiny-vit", "random")).save(tmp_path / "tcl.safetensors", preset="default")
+    out = tmp_path / "out"
+    assert main(["segment", str(good), "--classes", "red, blue", "--checkpoint", str(path), "--output", str(out),
+                 "--templates", "single", "--short-side", "64"]) == 0
+    summary = json.loads((out / "scene.json").read_text())
+    assert summary["method"] == "tcl" and summary["protocol"]["name"] == "default"
+    assert main(["segment", str(good), "--classes", "red", "--checkpoint", str(path), "--mode", "sclip"]) == 2
+    assert "--mode" in capsys.readouterr().err
 
 
 def test_version_models_and_help(capsys):

@@ -29,6 +29,13 @@ RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are a
                "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one `error:` line (exit code 2), pointing at --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default in --help (where it has one)."""
 
@@ -45,8 +52,9 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B
                                          "or the one a --checkpoint was trained on)")
     group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, or 'random' "
                                          f"(default: {default_weights}, or those a --checkpoint records)")
-    group.add_argument("--method", default="maskclip", choices=METHODS,
-                       help=f"trained methods ({', '.join(TRAINED_METHODS)}) need --checkpoint")
+    group.add_argument("--method", choices=METHODS,
+                       help=f"default: the one a --checkpoint records, else maskclip; trained methods "
+                            f"({', '.join(TRAINED_METHODS)}) need --checkpoint")
     group.add_argument("--checkpoint", help="a trained method's file (from `ovdense train METHOD`)")
     parser.set_defaults(default_model=default_model, default_weights=default_weights)
     group.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: the preset's, else maskclip)")
@@ -54,7 +62,8 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B
     group.add_argument("--half", action="store_true", help="encode images in half precision (fp16 on GPU, bf16 on CPU)")
     group.add_argument("--batch-size", type=int, default=8, help="crops embedded per forward pass")
     group.add_argument("--no-cache", action="store_true",
-                       help="do not read or write the on-disk text-embedding cache (~/.cache/ovdense)")
+                       help="do not read or write the on-disk text-embedding cache ($OVDENSE_CACHE_DIR, default "
+                            "~/.cache/ovdense)")
     proto = parser.add_argument_group("protocol (each overrides the preset)")
     proto.add_argument("--preset", choices=sorted(PRESETS),
                        help="published inference settings (default: the one the weights or checkpoint recommend, "
@@ -72,36 +81,54 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B
     proto.add_argument("--key-smoothing", type=float, help="MaskCLIP's key smoothing threshold (0: off)")
 
 
-def _build_predictor(args, dataset: str | None = None):
-    """The predictor the options describe; the preset defaults to the one the weights or checkpoint recommend."""
+def _protocol(args, preset: str, dataset: str | None):
+    """The preset's protocol for `dataset` with the protocol options applied (each checked by Protocol)."""
     from dataclasses import replace
 
-    import torch
-
-    from .device import resolve_device
-    from .methods import recommended_preset
-    from .predictor import build_predictor
     from .presets import get_protocol
-    from .text.cache import disable_disk_cache
-    device = resolve_device(args.device)
-    if args.no_cache:
-        disable_disk_cache()
-    trained = args.method in TRAINED_METHODS
-    model = args.model if trained else args.model or args.default_model
-    weights = args.weights if trained else args.weights or args.default_weights
-    recommended = recommended_preset(args.method, model, weights, args.checkpoint)
-    args.preset = args.preset or recommended or "default"
-    protocol = get_protocol(args.preset).for_dataset(dataset)
-    changes = dict(short_side=args.short_side, stride=args.stride, templates=args.templates,
-                   logit_scale=args.logit_scale, pamr_iterations=args.pamr_iterations,
-                   background_threshold=args.background_threshold, area_threshold=args.area_threshold,
-                   prompt_denoising=args.prompt_denoising, key_smoothing=args.key_smoothing)
+    protocol = get_protocol(preset).for_dataset(dataset)
     if args.crop is not None:  # 0: whole-image inference; a smaller crop takes a stride that still covers the image
         whole = args.crop == 0
         stride = None if whole else args.stride or min(protocol.stride or args.crop, args.crop)
         protocol = replace(protocol, crop=None if whole else args.crop, stride=stride)
-        changes.pop("stride")
-    protocol = protocol.updated(**changes)
+    return protocol.updated(
+        short_side=args.short_side, stride=None if args.crop is not None else args.stride, templates=args.templates,
+        logit_scale=args.logit_scale, pamr_iterations=args.pamr_iterations,
+        background_threshold=args.background_threshold, area_threshold=args.area_threshold,
+        prompt_denoising=args.prompt_denoising, key_smoothing=args.key_smoothing)
+
+
+def _check_model_options(args, dataset: str | None = None) -> None:
+    """The model and protocol options, checked before torch is imported, so that a mistake is reported at once."""
+    from .device import check_device_name
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_device_name(args.device)
+    _protocol(args, args.preset or "default", dataset)
+
+
+def _build_predictor(args, dataset: str | None = None):
+    """The predictor the options describe; the preset defaults to the one the weights or checkpoint recommend."""
+    import torch
+
+    from .device import resolve_device
+    from .methods import read_trained, recommended_preset
+    from .predictor import build_predictor
+    from .text.cache import disable_disk_cache
+    if args.checkpoint and not args.method:  # a trained checkpoint records its method
+        args.method = read_trained(args.checkpoint, tensors=False)[0]["method"]
+    args.method = args.method or "maskclip"
+    trained = args.method in TRAINED_METHODS
+    if trained and args.mode:
+        raise UsageError(f"--mode applies to the training-free method (maskclip); {args.method} has its own dense head")
+    model = args.model if trained else args.model or args.default_model
+    weights = args.weights if trained else args.weights or args.default_weights
+    recommended = recommended_preset(args.method, model, weights, args.checkpoint)
+    args.preset = args.preset or recommended or "default"
+    protocol = _protocol(args, args.preset, dataset)
+    device = resolve_device(args.device)
+    if args.no_cache:
+        disable_disk_cache()
     logger.info("preset %s (%s)", args.preset, "recommended by the weights" if args.preset == recommended else "chosen")
     return build_predictor(model, weights, args.method, args.mode, preset=protocol, device=str(device),
                            checkpoint=args.checkpoint, batch_size=args.batch_size,
@@ -125,10 +152,11 @@ def _segment_one(predictor, image_path: Path, vocabulary, out_dir: Path, stem: s
 
 def _vocabulary(args):
     from .text import Vocabulary
-    if bool(args.classes) == bool(args.classes_file):
+    classes_file = getattr(args, "classes_file", None)
+    if bool(args.classes) == bool(classes_file):
         raise UsageError("give the classes with exactly one of --classes 'cat, dog; puppy' or --classes-file FILE")
-    if args.classes_file:
-        return Vocabulary.from_file(args.classes_file)
+    if classes_file:
+        return Vocabulary.from_file(classes_file)
     try:
         return Vocabulary.parse(args.classes)
     except ValueError as error:  # a bad --classes value is a usage error; a bad file's content a data error
@@ -137,7 +165,8 @@ def _vocabulary(args):
 
 def expand_inputs(patterns: list[str], exclude: Path | None = None) -> tuple[list[Path], list[str]]:
     """Image paths from files, folders (their images, not recursive) and globs ('photos/**/*.jpg'), in order,
-    each once; and the patterns that matched nothing. Files under `exclude` (the output folder) are skipped."""
+    each file once; and a message for each pattern that gave none. Files under `exclude` (the output folder)
+    are skipped."""
     from .data.datasets import IMAGE_SUFFIXES
     found, unmatched = [], []
     for pattern in patterns:
@@ -149,25 +178,32 @@ def expand_inputs(patterns: list[str], exclude: Path | None = None) -> tuple[lis
         else:
             matches = [Path(p) for p in sorted(glob.glob(pattern, recursive=True))
                        if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_SUFFIXES]
-        if exclude is not None:
-            matches = [p for p in matches if exclude.resolve() not in p.resolve().parents]
-        if not matches:
-            unmatched.append(pattern)
-        found += matches
-    return list(dict.fromkeys(found)), unmatched
+        kept = [p for p in matches if exclude is None or exclude.resolve() not in p.resolve().parents]
+        if not kept:
+            unmatched.append(f"{pattern}: no image found there" if not matches else
+                             f"{pattern}: only files inside --output {exclude}, which are never read as inputs")
+        found += kept
+    unique = {p.resolve(): p for p in reversed(found)}  # one file named twice (relative, absolute) runs once
+    return [p for p in found if unique.get(p.resolve()) is p], unmatched
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """Output file stems: each image's own stem, or, when two images share one (a/x.jpg, b/x.jpg, a/x.png), their
-    paths relative to their common folder ('a__x', 'b__x', or 'a__x_png' if still ambiguous)."""
+    """Output file stems, all distinct (ignoring letter case): each image's own stem, or, when two images share one
+    (a/x.jpg, b/x.jpg), their paths relative to their common folder ('a__x', 'b__x'), numbered where even those
+    are equal ('a__x', 'a__x-2' for a/x.jpg and a/x.png)."""
     stems = [p.stem for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
-    relative = [p.resolve().relative_to(root) for p in paths]
-    stems = [str(r.with_suffix("")).replace(os.sep, "__") for r in relative]
-    if len(set(stems)) < len(stems):
-        stems = [str(r).replace(os.sep, "__").replace(".", "_") for r in relative]
+    if len({s.lower() for s in stems}) < len(stems):
+        root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+        relative = [p.resolve().relative_to(root) for p in paths]
+        stems = [str(r.with_suffix("")).replace(os.sep, "__") for r in relative]
+    taken: set[str] = set()  # still equal (a/x.png beside a__x.png or a/x.jpg; letter case): numbered
+    for i, stem in enumerate(stems):
+        unique, n = stem, 1
+        while unique.lower() in taken:
+            n += 1
+            unique = f"{stem}-{n}"
+        taken.add(unique.lower())
+        stems[i] = unique
     return stems
 
 
@@ -175,11 +211,12 @@ def cmd_segment(args) -> int:
     from tqdm import tqdm
 
     from .io import prepare_output_dir
+    _check_model_options(args)
     vocabulary = _vocabulary(args)
     out_dir = prepare_output_dir(args.output)
     paths, unmatched = expand_inputs(args.images, exclude=out_dir)
-    for pattern in unmatched:
-        _error(f"{pattern}: no image found there")
+    for message in unmatched:
+        _error(message)
     if not paths:
         return 1
     predictor = _build_predictor(args)
@@ -188,7 +225,7 @@ def cmd_segment(args) -> int:
     import torch
     failures = len(unmatched)
     for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="img",
-                           disable=args.quiet or len(paths) < 2):
+                           disable=True if args.quiet or len(paths) < 2 else None):  # None: on a terminal only
         try:
             summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
         except (InputError, MemoryError, torch.OutOfMemoryError) as error:  # this image fails; the others go on
@@ -198,6 +235,9 @@ def cmd_segment(args) -> int:
             continue
         found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
         tqdm.write(f"{path}: {found} -> {out_dir / stem}_overlay.png")
+    if failures and len(paths) + len(unmatched) > 1:
+        print(f"{failures} of {len(paths) + len(unmatched)} inputs failed (see above); the others are in {out_dir}",
+              file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -213,6 +253,7 @@ def cmd_demo(args) -> int:
     from .visualize import overlay
     if args.scene < 0 or args.zoom < 1:
         raise UsageError("--scene must be >= 0 and --zoom >= 1")
+    _check_model_options(args)
     out_dir = prepare_output_dir(args.output)
     world = SyntheticWorld(size=64, seed=0, max_objects=3)  # the world the shipped model was trained on
     scene = world.scene(scene_index("val", args.scene))
@@ -227,7 +268,7 @@ def cmd_demo(args) -> int:
     print(f"ovdense demo: model {backbone.name}, weights {backbone.weights}, method {predictor.method.name}, "
           f"mode {predictor.method.mode}, preset {predictor.protocol.name}")
     print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
-    vocabulary = Vocabulary.parse(args.classes) if args.classes else Vocabulary.coerce(world.classes)
+    vocabulary = _vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
     summary = _segment_one(predictor, scene_path, vocabulary, out_dir, "demo_scene",
                            RANDOM_NOTE.split(".")[0] if random else None)
     with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
@@ -258,16 +299,18 @@ def _name_objects(backbone, scene) -> list[str]:
 
 def cmd_eval(args) -> int:
     import json
+    import math
 
+    from .io import check_output_file, write_text_atomic
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    _check_model_options(args, args.dataset)
+    if args.output:
+        check_output_file(args.output)
     import torch.distributed as dist
 
     from .data import SegmentationDataset
     from .eval import evaluate_segmentation, format_table
-    from .io import check_output_file, write_text_atomic
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    if args.output:
-        check_output_file(args.output)
     dataset = SegmentationDataset(args.dataset, args.root, args.split)
     predictor = _build_predictor(args, dataset=args.dataset)
     metrics = evaluate_segmentation(predictor, dataset, limit=args.limit, progress=not args.quiet)
@@ -280,7 +323,13 @@ def cmd_eval(args) -> int:
     if args.output:
         report = {"dataset": args.dataset, "split": args.split, "images": min(len(dataset), args.limit or len(dataset)),
                   **_describe(predictor), "metrics": metrics, "classes": dataset.vocabulary.names}
-        write_text_atomic(args.output, json.dumps(report, indent=2))
+        def finite(value):  # JSON has no NaN (a class absent from the data has no IoU): null instead
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+            if isinstance(value, dict):
+                return {k: finite(v) for k, v in value.items()}
+            return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+        write_text_atomic(args.output, json.dumps(finite(report), indent=2, allow_nan=False))
         print(f"wrote {args.output}")
     return 0
 
@@ -289,9 +338,11 @@ def cmd_synth(args) -> int:
     from .data.export import export_world
     from .data.synthetic import SyntheticWorld
     from .io import prepare_output_dir
-    for option in ("train", "val", "size", "max_objects"):
-        if getattr(args, option) < (1 if option in ("size", "max_objects") else 0):
-            raise UsageError(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
+    for option, least in (("train", 0), ("val", 0), ("size", 32), ("max_objects", 1)):
+        if getattr(args, option) < least:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least {least}, got {getattr(args, option)}")
+    if args.train + args.val == 0:
+        raise UsageError("--train and --val are both 0: nothing to export")
     prepare_output_dir(args.output)
     world = SyntheticWorld(size=args.size, seed=args.seed, max_objects=args.max_objects)
     out = export_world(world, args.output, {"train": args.train, "val": args.val}, progress=not args.quiet)
@@ -381,11 +432,12 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ovdense", description="Open-vocabulary dense prediction with CLIP.")
+    parser = _Parser(prog="ovdense", description="Open-vocabulary dense prediction with CLIP.")
     parser.add_argument("--version", action="version", version=f"ovdense {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more messages (-vv: also open_clip's); "
                                                                            "tracebacks on errors")
-    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or warnings; results and errors remain")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", formatter_class=_Formatter,
@@ -408,23 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", formatter_class=_Formatter, help="mIoU of a method on a standard dataset")
     ev.add_argument("--dataset", required=True, choices=DATASETS)
     ev.add_argument("--root", required=True, help="dataset folder (see ovdense.data.datasets for layouts)")
-    ev.add_argument("--split", default="val")
+    ev.add_argument("--split", default="val", help="the dataset's split (its list file, e.g. val.txt)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
     ev.add_argument("--output", help="write the metrics as JSON to this file")
     _add_model_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     synth = sub.add_parser("synth", formatter_class=_Formatter, help="export the synthetic world in the standard formats")
-    synth.add_argument("--output", default="data/synthetic")
+    synth.add_argument("--output", default="data/synthetic", help="folder for the exported dataset")
     synth.add_argument("--train", type=int, default=1000, help="train scenes")
     synth.add_argument("--val", type=int, default=100, help="val scenes")
-    synth.add_argument("--size", type=int, default=96, help="scene size in pixels")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--max-objects", type=int, default=4)
+    synth.add_argument("--size", type=int, default=96, help="scene size in pixels (at least 32)")
+    synth.add_argument("--seed", type=int, default=0, help="the world's seed: same seed, same scenes")
+    synth.add_argument("--max-objects", type=int, default=4, help="most things painted in one scene")
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", formatter_class=_Formatter, help="train a model from a YAML recipe")
-    train.add_argument("what", choices=["clip", "tcl", "denseclip"],
+    train.add_argument("what", metavar="{clip,tcl,denseclip}", choices=["clip", "tcl", "denseclip"],
                        help="clip: a tiny CLIP from scratch on synthetic captions; tcl: TCL from image-caption pairs; "
                             "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset")
     train.add_argument("--config", required=True, help="YAML recipe (see configs/)")
@@ -467,13 +519,14 @@ class _StderrHandler(logging.StreamHandler):
 def _logging(verbosity: int):
     """For one command: ovdense's messages at WARNING (-q: ERROR, -v: INFO) as 'LEVEL: message' lines; other
     libraries' logs and warnings only with -vv. The previous logging and warning settings come back after."""
-    root = logging.getLogger()
-    saved = (logger.handlers[:], logger.level, logger.propagate, root.level)
+    root, hub = logging.getLogger(), logging.getLogger("huggingface_hub")
+    saved = (logger.handlers[:], logger.level, logger.propagate, root.level, hub.level)
     logger.handlers[:] = [_StderrHandler()]
     logger.handlers[0].setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     logger.setLevel(logging.ERROR if verbosity < 0 else logging.WARNING if verbosity == 0 else logging.INFO)
     logger.propagate = False
-    root.setLevel(logging.INFO if verbosity > 1 else logging.ERROR)  # open_clip logs to the root logger
+    root.setLevel(logging.INFO if verbosity > 1 else logging.CRITICAL)  # open_clip logs to the root logger
+    hub.setLevel(logging.INFO if verbosity > 1 else logging.CRITICAL)  # download retries; our error says it all
     with warnings.catch_warnings():
         if verbosity < 2:
             warnings.filterwarnings("ignore", module=r"(open_clip|torch|torchvision|timm|huggingface_hub)(\.|$)")
@@ -484,6 +537,7 @@ def _logging(verbosity: int):
             logging.captureWarnings(False)
             logger.handlers[:], logger.level, logger.propagate = saved[:3]
             root.setLevel(saved[3])
+            hub.setLevel(saved[4])
 
 
 def main(argv: list[str] | None = None) -> int:

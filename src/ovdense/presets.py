@@ -85,7 +85,8 @@ class Protocol:
         }
         for key, ok in checks.items():
             if not ok:
-                raise UsageError(f"{key} (--{key.replace('_', '-')}) has an invalid value {getattr(self, key)!r}")
+                flag = {"pamr_iterations": "--pamr"}.get(key, f"--{key.replace('_', '-')}")
+                raise UsageError(f"{key} ({flag}) has an invalid value {getattr(self, key)!r}")
 
     def for_dataset(self, dataset: str | None) -> "Protocol":
         """This protocol with the paper's settings for `dataset` applied (unchanged for other names)."""

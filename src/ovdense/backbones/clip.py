@@ -19,7 +19,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import InputError, UsageError
 
 # How each dense mode changes the last block of a ViT:
 # (attention kind, keep the residual path, keep the feed-forward path).
@@ -178,8 +178,9 @@ class CLIPBackbone(nn.Module):
             for text in texts:
                 n = len(encode(text)) + 2  # start and end tokens
                 if n > limit:
-                    raise ValueError(f"prompt {text!r} is {n} tokens long; the text encoder of {self.name} "
-                                     f"takes at most {limit}. Shorten the class name.")
+                    shown = text if len(text) <= 60 else text[:57] + "..."
+                    raise InputError(f"the prompt {shown!r} is {n} tokens long; the text encoder of {self.name} "
+                                     f"takes at most {limit}: shorten the class name")
         return self.tokenizer(texts)
 
     def encode_text(self, texts: list[str], truncate: bool = False) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import open_clip
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from .clip import CLIPBackbone
 
 RANDOM_WEIGHTS = "random"
@@ -55,7 +55,7 @@ def _check_model_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown CLIP architecture {name!r}.{hint} `ovdense models` lists them all.")
+    raise UsageError(f"unknown CLIP architecture {name!r} (--model).{hint} `ovdense models` lists them all.")
 
 
 def _is_torchscript(path: Path) -> bool:

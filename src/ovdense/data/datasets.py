@@ -35,7 +35,7 @@ from ..text import Vocabulary
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 class DatasetNotFoundError(InputError, FileNotFoundError):
@@ -203,7 +203,4 @@ def _vocabulary_file(path: Path) -> Vocabulary:
     """The class list of a `folder` dataset, with errors that name the file."""
     if not path.is_file():
         raise DatasetNotFoundError(f"the class list {path} does not exist; write one class name per line")
-    try:
-        return Vocabulary.from_file(path)
-    except ValueError as error:  # empty, duplicated names, not UTF-8
-        raise InputError(f"{path}: {error}") from error
+    return Vocabulary.from_file(path)  # its errors name the file

@@ -10,6 +10,7 @@ softmax over the queries) or per-query 'probability' masks in [0, 1] (used as th
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -95,6 +96,10 @@ def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str
             metadata = dict(handle.metadata() or {})
             state = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError) as error:
+        if zipfile.is_zipfile(path):  # torch.save's format: most likely a run's last.pt
+            raise CheckpointError(f"{path} is a training-state file (like a run's last.pt), not a method checkpoint: "
+                                  "pass the .safetensors file that `ovdense train` exports when the run finishes"
+                                  ) from error
         raise CheckpointError(f"{path} is not a readable method checkpoint: it must be a complete safetensors "
                               f"file written by `ovdense train` ({error})") from error
     missing = [key for key in ("method", "model", "weights") if key not in metadata]

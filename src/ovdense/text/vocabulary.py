@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InputError
+
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 # Named prompt-template sets; each template has one '{}' for the class name.
@@ -83,12 +85,17 @@ class Vocabulary:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Vocabulary":
-        """One class per line; synonyms separated by ';' (or ','); 'name: syn; syn' sets the display name."""
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-        lines = [line for line in lines if line and not line.startswith("#")]
-        specs = tuple(ClassSpec.parse(line if ";" in line or ":" in line else line.replace(",", ";"))
-                      for line in lines)
-        return cls(specs, background=_background_index([s.name for s in specs]))
+        """One class per line (UTF-8, a byte-order mark allowed); synonyms separated by ';' (or ','); 'name: syn;
+        syn' sets the display name. Raises InputError naming the file when it cannot be read or parsed."""
+        try:
+            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines()]
+            lines = [line for line in lines if line and not line.startswith("#")]
+            specs = tuple(ClassSpec.parse(line if ";" in line or ":" in line else line.replace(",", ";"))
+                          for line in lines)
+            return cls(specs, background=_background_index([s.name for s in specs]))
+        except (OSError, ValueError) as error:  # missing, a folder, not UTF-8 text, empty, duplicated names
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            raise InputError(f"class list {path}: {reason}") from error
 
     @classmethod
     def coerce(cls, vocabulary: "Vocabulary | str | list[str]") -> "Vocabulary":
