@@ -110,7 +110,12 @@ def boundaries(labels: np.ndarray, width: int = 1) -> np.ndarray:
 
 @lru_cache(maxsize=32)
 def _font(size: int):
-    """A font of `size` px: Pillow's scalable default font (>= 10.1), else its fixed bitmap font."""
+    """A font of `size` px: DejaVu Sans where the system has it (it covers accents, Greek, Cyrillic), else Pillow's
+    scalable default font (>= 10.1, Latin letters only), else its fixed bitmap font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ImportError, OSError, AttributeError):  # Pillow 10.0 (no size=), or no FreeType
