@@ -8,14 +8,13 @@ from pathlib import Path
 import torch
 
 from ..backbones import load_clip
-from ..data import DATASETS
 from ..data.transforms import AugmentedSegmentation, SegmentationAugment
 from ..errors import InputError
 from ..methods.denseclip import DenseCLIP
 from . import checks
 from .checks import within
-from .recipe import (TrainSection, check_clip, check_eval, check_export, check_synthesize, segmentation_dataset,
-                     segmentation_evaluator, start_run)
+from .recipe import (TrainSection, check_clip, check_dataset_keys, check_eval, check_export, check_synthesize,
+                     segmentation_dataset, segmentation_evaluator, start_run)
 from .trainer import Trainer, seeded
 
 
@@ -80,9 +79,7 @@ class DenseCLIPRecipe(TrainSection):
         data = checks.mapping("data", self.data)
         with within("data."):
             checks.known_keys(data, DENSECLIP_DATA_KEYS, "the data section of a DenseCLIP recipe")
-            checks.choice("dataset", checks.required(data, "dataset", "a DenseCLIP recipe"), DATASETS)
-            checks.text("root", checks.required(data, "root", "a DenseCLIP recipe"))
-            checks.text("split", data.get("split", "train"))
+            check_dataset_keys(data, "a DenseCLIP recipe", "train")
             if data.get("synthesize") is not None:
                 check_synthesize(data["synthesize"])
             check_augment(data.get("augment"))

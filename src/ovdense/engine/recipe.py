@@ -188,6 +188,13 @@ def ensure_synthetic(spec: dict | None, progress: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
+def check_dataset_keys(spec: dict, what: str, split: str) -> None:
+    """The dataset, root and split keys of a section naming a segmentation dataset (`what`: for messages)."""
+    checks.choice("dataset", checks.required(spec, "dataset", what), DATASETS)
+    checks.text("root", checks.required(spec, "root", what))
+    checks.text("split", spec.get("split", split))
+
+
 def check_eval(spec) -> None:
     """{dataset, root, split, limit, preset}: the segmentation dataset evaluated during training."""
     if spec is None:
@@ -195,9 +202,7 @@ def check_eval(spec) -> None:
     checks.mapping("eval", spec)
     with within("eval."):
         checks.known_keys(spec, EVAL_KEYS, "eval")
-        checks.choice("dataset", checks.required(spec, "dataset", "eval"), DATASETS)
-        checks.text("root", checks.required(spec, "root", "eval"))
-        checks.text("split", spec.get("split", "val"))
+        check_dataset_keys(spec, "eval", "val")
         if spec.get("limit") is not None:
             checks.integer("limit", spec["limit"], minimum=1)
         checks.choice("preset", spec.get("preset", "default"), PRESETS)
