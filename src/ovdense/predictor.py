@@ -13,7 +13,7 @@ from .data.images import load_image
 from .catalog import TRAINED_METHODS
 from .device import resolve_device
 from .methods import load_method, recommended_preset
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .ops import (PAMR, crop_padding, crop_windows, merge_windows, resize_image, short_side_size, sliding_windows,
                   upsampled_rows)
 from .presets import Protocol, get_protocol
@@ -187,7 +187,7 @@ class SegmentationPredictor:
         if protocol.background_threshold is not None:
             vocab = vocab.with_virtual_background() if protocol.virtual_background else vocab.with_background()
         if not vocab.queries:
-            raise ValueError("the vocabulary has no class to look for besides the background")
+            raise InputError("the vocabulary has no class to look for besides the background")
         text = self.method.embed_text(vocab.queries, resolve_templates(protocol.templates), self.cache).to(self.device)
 
         embedded, windows, pixels = self._image["embedded"], self._image["windows"], self._image["pixels"]
