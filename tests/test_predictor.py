@@ -222,3 +222,18 @@ def test_tcl_preset_keeps_the_background_virtual(tiny_vit, scene, monkeypatch):
     protocol = PRESETS["tcl"].for_dataset("voc21").updated(short_side=64)
     result = SegmentationPredictor(method, protocol, cache=TextEmbeddingCache())(scene, "background; sky; wall, red, blue")
     assert asked == [["red", "blue"]] and result.class_names == ["background", "red", "blue"]
+
+
+def test_pamr_affinities_are_computed_once_per_image(tiny_vit, scene, monkeypatch):
+    protocol = Protocol("t", short_side=64, crop=32, stride=16, templates="single", pamr_iterations=3,
+                        pamr_dilations=(1, 2), pamr_at="original")
+    predictor = SegmentationPredictor(MaskCLIP(tiny_vit), protocol, cache=TextEmbeddingCache())
+    predictor.set_image(scene)
+    calls = []
+    affinity = PAMR.affinity
+    monkeypatch.setattr(PAMR, "affinity", lambda self, image: calls.append(1) or affinity(self, image))
+    first = predictor.predict("red, blue")
+    second = predictor.predict("blue, red, green")
+    again = predictor.predict("red, blue")
+    assert len(calls) == 1 and second.labels.shape == scene.shape[:2]
+    assert np.array_equal(first.labels, again.labels)

@@ -378,7 +378,13 @@ def cmd_train(args) -> int:
     recipe = load_recipe(recipe_class, args.config)
     if args.export:  # a path on the command line is relative to the current directory
         recipe.export = os.path.abspath(os.path.expanduser(args.export))
-    result = train(recipe, output, device=args.device, resume=not args.restart, max_steps=args.max_steps)
+    try:
+        result = train(recipe, output, device=args.device, resume=not args.restart, max_steps=args.max_steps)
+    except KeyboardInterrupt:
+        every = recipe.train_config().checkpoint_every
+        _error(f"interrupted; the run resumes from its last checkpoint {output / 'last.pt'} (written every {every} "
+               "steps) when the same command is run again")
+        return 130
     export = result[-1]
     if args.what == "clip":
         scores = result[1]

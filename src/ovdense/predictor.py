@@ -202,9 +202,14 @@ class SegmentationPredictor:
             if protocol.pamr_at == "original":  # the image's own size, long side at most 2048
                 height, width = self._image["rgb"].shape[:2]
                 size = short_side_size(height, width, min(height, width), max_long_side=2048)
+            pamr = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)
             image = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False)
+            affinities = self._image.setdefault("pamr_affinity", {})  # an image's affinities serve every vocabulary
+            key = (size, pamr.dilations)
+            if key not in affinities:
+                affinities[key] = pamr.affinity(image)
             # the logits are resized to that size (align_corners=False) chunk by chunk inside PAMR
-            logits = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(image, logits[None], align_corners=False)[0]
+            logits = pamr(image, logits[None], align_corners=False, affinity=affinities[key])[0]
         kind = self.method.score_kind(protocol)
         if kind == "cosine":  # cosine similarities take the protocol's logit scale; trained heads' logits do not
             logits.mul_(protocol.logit_scale)  # a tensor of this call's own: scaled in place

@@ -43,11 +43,13 @@ class PAMR(nn.Module):
         logits = torch.stack([(-(image - n).abs() / scale).mean(dim=1) for n in _shifted(image, self.dilations)], 1)
         return logits.softmax(dim=1)
 
-    def forward(self, image: torch.Tensor, masks: torch.Tensor, align_corners: bool = True) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, masks: torch.Tensor, align_corners: bool = True,
+                affinity: torch.Tensor | None = None) -> torch.Tensor:
         """image: (B, 3, H, W); masks: (B, K, h, w) -> (B, K, H, W) refined. The masks are first resized to the
         image bilinearly, a chunk at a time: align_corners=True inside the official PAMR module, False where the
-        official code resizes logits to the image size before calling it (SCLIP, NACLIP)."""
-        affinity = self.affinity(image)
+        official code resizes logits to the image size before calling it (SCLIP, NACLIP).
+        affinity: `self.affinity(image)` when the caller already has it (one image, many vocabularies)."""
+        affinity = self.affinity(image) if affinity is None else affinity
         out = masks.new_empty((masks.shape[0], masks.shape[1], *image.shape[-2:]), dtype=torch.float32)
         for start in range(0, masks.shape[1], self.chunk):
             part = F.interpolate(masks[:, start:start + self.chunk].float(), size=image.shape[-2:], mode="bilinear",
