@@ -86,10 +86,6 @@ class SegmentationResult:
         return {"height": int(height), "width": int(width), "classes": list(self.class_names),
                 "segments": self.segments(rle=rle)}
 
-    def to_json(self, rle: bool = True) -> dict:
-        """The same JSON-serialisable dict as `summary` (json.dumps it to get text)."""
-        return self.summary(rle=rle)
-
     def plot(self, image=None, **overlay_kwargs):
         """The overlay (a PIL image; see `ovdense.visualize.overlay`) on `image`, else on the stored image,
         else the class colours alone."""

@@ -130,7 +130,8 @@ class CLIPBackbone(nn.Module):
 
     @property
     def identity(self) -> str:
-        """A string naming the architecture and the weights, used to key embedding caches."""
+        """A string naming the architecture and the weights it was loaded from (embedding caches use
+        `text_fingerprint`)."""
         return f"{self.name}@{self.weights}"
 
     # -------------------------------------------------------------------------- text fingerprint
