@@ -95,7 +95,7 @@ def export_world(world: SyntheticWorld, out: str | Path, splits: dict[str, int] 
             writer.writerows((c["image"], c["caption"]) for c in captions)
         write_text_atomic(out / f"captions_{split}.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
         write_text_atomic(out / f"grounding_{split}.jsonl", "".join(json.dumps(g) + "\n" for g in grounding))
-    info = {"seed": world.seed, "size": list(world.size), "max_objects": world.max_objects,
+    info = {"version": world.version, "seed": world.seed, "size": list(world.size), "max_objects": world.max_objects,
             "classes": world.classes, "stuff": list(world.stuff), "things": list(world.things),
             "base": world.base_things, "novel": list(world.novel), "splits": splits}
     write_text_atomic(out / "world.json", json.dumps(info, indent=2))

@@ -34,7 +34,7 @@ from . import checks
 from .checks import within
 from .trainer import TrainConfig, check_resume
 
-SYNTHESIZE_DEFAULTS = {"size": 64, "seed": 0, "max_objects": 3, "train": 1000, "val": 100}
+SYNTHESIZE_DEFAULTS = {"size": 96, "seed": 0, "max_objects": 4, "train": 1000, "val": 100}
 EVAL_KEYS = ("dataset", "root", "split", "limit", "preset")
 
 
@@ -178,11 +178,11 @@ def ensure_synthetic(spec: dict | None, progress: bool = True) -> None:
     if info_path.is_file():
         try:
             info = json.loads(info_path.read_text())
-            if (info["seed"], info["size"][0], info["max_objects"], info["splits"]) == (
-                    spec["seed"], spec["size"], spec["max_objects"], splits):
+            if (info.get("version"), info["seed"], info["size"][0], info["max_objects"], info["splits"]) == (
+                    SyntheticWorld.version, spec["seed"], spec["size"], spec["max_objects"], splits):
                 return
         except (ValueError, KeyError, TypeError, IndexError):
-            pass  # not an export of ours (or an old one): export again
+            pass  # not an export of ours: export again
     world = SyntheticWorld(spec["size"], seed=spec["seed"], max_objects=spec["max_objects"])
     export_world(world, root, splits, progress=progress)
 
