@@ -116,6 +116,12 @@ class CLIPBackbone(nn.Module):
         return self.visual.output_dim
 
     @property
+    def image_size(self) -> int:
+        """The side of the square images the model was trained on (open_clip stores an int or a pair)."""
+        size = self.visual.image_size
+        return size if isinstance(size, int) else size[0]
+
+    @property
     def stride(self) -> int:
         """Pixels per dense-feature cell."""
         return self.visual.patch_size[0] if self.arch == "vit" else 32

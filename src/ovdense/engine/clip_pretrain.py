@@ -31,7 +31,8 @@ def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.n
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string) from train scene i // k (k items per scene).
+    """Item i: (image (3, S, S) normalised, caption string) from train scene i // k (k items per scene); S is
+    `image_size` (default: the world's size).
 
     Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views,
     a crop around one object captioned "a photo of a red star" (chosen deterministically from i).
@@ -39,8 +40,10 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     """
 
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
-                 close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD):
+                 close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
+                 image_size: int | None = None):
         self.world, self.scenes, self.k, self.split = world, scenes, captions_per_scene, split
+        self.image_size = image_size or world.size[0]
         self.close_ups, self.mean, self.std = close_ups, mean, std
         self._cache: dict[int, tuple[np.ndarray, list[str], list]] = {}
 
@@ -59,8 +62,8 @@ class SyntheticCaptions(torch.utils.data.Dataset):
             box, name = objects[int(rng.integers(len(objects)))]
             crop = object_crop(image, box, margin=rng.uniform(0.1, 0.4))
             article = "an" if name[0] in "aeiou" else "a"
-            return to_tensor(crop, self.mean, self.std, image.shape[0]), f"a photo of {article} {name}."
-        return to_tensor(image, self.mean, self.std), captions[caption_id % len(captions)]
+            return to_tensor(crop, self.mean, self.std, self.image_size), f"a photo of {article} {name}."
+        return to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)]
 
 
 def clip_loss(model, batch) -> dict[str, torch.Tensor]:
@@ -78,7 +81,7 @@ def clip_loss(model, batch) -> dict[str, torch.Tensor]:
 def score_object_crops(backbone: CLIPBackbone, crops: list[np.ndarray], things: list[str],
                        template: str = "a photo of a {}.") -> torch.Tensor:
     """(N,) object crops -> (N, colours, shapes) cosine similarity with "a photo of a {colour} {shape}."."""
-    size = backbone.visual.image_size[0]
+    size = backbone.image_size
     names = [f"{c} {t}" for c in COLOURS for t in things]
     text = TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
     images = torch.stack([to_tensor(c, backbone.image_mean, backbone.image_std, size) for c in crops])
@@ -124,7 +127,7 @@ class PretrainConfig(TrainSection):
     """
 
     model: str = "ovdense-tiny-vit"
-    world: dict = field(default_factory=lambda: {"size": 64, "seed": 0, "max_objects": 3})
+    world: dict = field(default_factory=lambda: {"size": 96, "seed": 0, "max_objects": 4})
     scenes: int = 20000
     captions_per_scene: int = 3
     close_ups: float = 0.0
@@ -170,7 +173,8 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     model = build_clip(config)
     tokenizer = open_clip.get_tokenizer(config.model)
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
-    data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups)
+    data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups,
+                             image_size=backbone.image_size)
 
     def collate(items):
         images, texts = zip(*items)

@@ -127,7 +127,7 @@ def train_tcl(recipe: TCLRecipe, out_dir: str | Path, device: str = "cpu", resum
         evaluate = segmentation_evaluator(recipe.eval, lambda m: m.tcl)
     backbone = load_clip(recipe.model, recipe.weights, device=device)
     model = build_tcl(recipe, backbone)
-    size = recipe.data.get("image_size", backbone.visual.image_size[0])
+    size = recipe.data.get("image_size", backbone.image_size)
     dataset = ImageTextDataset(recipe.sources(), size, backbone.image_mean, backbone.image_std,
                                text=recipe.data.get("text", "caption"), scale=recipe.data.get("scale", (0.5, 1.0)),
                                seed=config.seed, progress=progress)
