@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="checkpoint of DenseCLIP's baseline (language_guidance: false)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    world = SyntheticWorld(64, seed=0, max_objects=3)
+    world = SyntheticWorld()  # the 96 px world the shipped models were trained on
     backbone = load_clip("ovdense-tiny-vit", "synthetic")
     rows = [("MaskCLIP (training-free)", MaskCLIP(backbone, "maskclip"))]
     if args.tcl:
@@ -61,7 +61,7 @@ def main() -> None:
     if args.baseline:
         rows.append(("Baseline CLIP + FPN, no language", load_method("denseclip", checkpoint=args.baseline)))
     results = [(name, evaluate(method.eval(), world, args.scenes, args.preset, name)) for name, method in rows]
-    print(f"\nsynthetic val, {args.scenes} scenes of 64 px, preset {args.preset}, tiny CLIP 'synthetic'")
+    print(f"\nsynthetic val, {args.scenes} scenes of 96 px, preset {args.preset}, tiny CLIP 'synthetic'")
     print("| method                           | mIoU all | stuff (8) | base things (9) | novel things (3) |")
     print("|----------------------------------|----------|-----------|-----------------|------------------|")
     for name, r in results:

@@ -6,13 +6,14 @@ mIoU over all 20 classes and separately over stuff, base things and novel things
 never supervised by boxes or masks; CLIP saw them only in captions).
 
     python benchmarks/bench_synthetic_quality.py [--model ovdense-tiny-vit --weights synthetic]
-        [--scenes 200] [--size 64] [--short-side 128 --crop 64 --stride 32] [--templates none]
+        [--scenes 200] [--size 96] [--short-side 192 --crop 96 --stride 48] [--templates none]
 
-Defaults are the `synthetic` preset's: scenes drawn at 64 px are processed at 128 px in 64 px windows.
+Defaults are the `synthetic` preset's: 96 px scenes (the shipped model's training scale) in one window.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from ovdense.data.synthetic import SyntheticWorld
 from ovdense.eval import SegmentationMetric
 from ovdense.methods import MaskCLIP
 from ovdense.predictor import SegmentationPredictor
-from ovdense.presets import Protocol
+from ovdense.presets import PRESETS, Protocol
 from ovdense.text import Vocabulary
 
 
@@ -45,24 +46,24 @@ def main() -> None:
     parser.add_argument("--model", default="ovdense-tiny-vit")
     parser.add_argument("--weights", default="synthetic")
     parser.add_argument("--scenes", type=int, default=200)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--short-side", type=int, default=128, help="processing size (0: native)")
-    parser.add_argument("--crop", type=int, default=64, help="window size (0: whole image)")
-    parser.add_argument("--stride", type=int, default=32)
-    parser.add_argument("--templates", default="none")
-    parser.add_argument("--logit-scale", type=float, default=40.0)
+    synthetic = PRESETS["synthetic"]
+    parser.add_argument("--short-side", type=int, default=synthetic.short_side, help="processing size (0: native)")
+    parser.add_argument("--crop", type=int, default=synthetic.crop, help="window size (0: whole image)")
+    parser.add_argument("--stride", type=int, default=synthetic.stride)
+    parser.add_argument("--templates", default=synthetic.templates)
+    parser.add_argument("--logit-scale", type=float, default=synthetic.logit_scale)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     backbone = load_clip(args.model, args.weights)
-    world = SyntheticWorld(args.size, seed=args.seed, max_objects=3)
+    world = SyntheticWorld(args.size, seed=args.seed)
     rows = []
     for mode in tqdm(backbone.supported_modes(), desc="modes"):
         for pamr in (0, 10):
-            protocol = Protocol("synthetic", short_side=args.short_side or None, crop=args.crop or None,
-                                stride=args.stride if args.crop else None,
-                                templates=args.templates, logit_scale=args.logit_scale, pamr_iterations=pamr,
-                                pamr_dilations=(1, 2, 4, 8))
+            protocol = replace(synthetic, short_side=args.short_side or None, crop=args.crop or None,
+                               stride=args.stride if args.crop else None, templates=args.templates,
+                               logit_scale=args.logit_scale, pamr_iterations=pamr)
             rows.append((mode, "on" if pamr else "off", evaluate(backbone, world, args.scenes, mode, protocol)))
     print(f"\nsynthetic val: {args.scenes} scenes of {args.size}px (seed {args.seed}), {args.model} / {args.weights}, "
           f"templates {args.templates}, logit scale {args.logit_scale}, short side {args.short_side or 'native'}, "

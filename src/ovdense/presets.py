@@ -101,9 +101,9 @@ _CITYSCAPES = {"short_side": 560}
 PRESETS: dict[str, Protocol] = {
     # A general-purpose default for users' own images.
     "default": Protocol("default", short_side=448, antialias=True, crop=224, stride=112, pamr_at="working"),
-    # The synthetic world with the shipped tiny CLIP: scenes at 2x the 64 px training scale, 64 px windows
-    # (the model's native size), bare class names (its captions never say "a photo of a grass").
-    "synthetic": Protocol("synthetic", short_side=128, antialias=True, crop=64, stride=32, templates="none",
+    # The synthetic world with the shipped tiny CLIP, at the 96 px scale every synthetic model is trained at:
+    # one whole-image window, bare class names (its captions never say "a photo of a grass").
+    "synthetic": Protocol("synthetic", short_side=96, antialias=True, crop=96, stride=64, templates="none",
                           pamr_iterations=10, pamr_dilations=(1, 2, 4, 8), pamr_at="working", mode="maskclip"),
     # SCLIP (wangf3014/SCLIP configs): 336 short side, 224/112 windows, 80 templates, scale 40; PAMR off (when
     # turned on, at the original size).
