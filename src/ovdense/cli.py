@@ -242,59 +242,46 @@ def cmd_segment(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from .data.export import scene_index
+    from . import demo
     from .data.synthetic import SyntheticWorld
-    from .eval import SegmentationMetric
-    from .io import atomic_path, prepare_output_dir
+    from .io import prepare_output_dir
     from .text import Vocabulary
-    from .visualize import overlay
     if args.scene < 0 or args.zoom < 1:
         raise UsageError("--scene must be >= 0 and --zoom >= 1")
     _check_model_options(args)
+    shipped = None
+    if not args.checkpoint and args.model in (None, args.default_model) and args.weights in (None, args.default_weights):
+        shipped = demo.shipped_method(args.method)  # the shipped tiny CLIP: use the best method that ships for it
+        if shipped:
+            args.method, args.checkpoint = shipped.method, shipped.checkpoint and str(shipped.checkpoint)
     out_dir = prepare_output_dir(args.output)
-    world = SyntheticWorld(size=64, seed=0, max_objects=3)  # the world the shipped model was trained on
-    scene = world.scene(scene_index("val", args.scene))
-    zoom = args.zoom  # pixels are repeated for a picture people can see; the preset resizes anyway
-    truth = scene.semantic.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    scene_path = out_dir / "demo_scene.png"
-    with atomic_path(scene_path) as tmp:
-        Image.fromarray(scene.image).resize((64 * zoom, 64 * zoom), Image.NEAREST).save(tmp, format="PNG")
+    world = SyntheticWorld()  # the world the shipped models were trained on
     predictor = _build_predictor(args)
     backbone = predictor.backbone
     random = backbone.weights.startswith("random")
     print(f"ovdense demo: model {backbone.name}, weights {backbone.weights}, method {predictor.method.name}, "
-          f"mode {predictor.method.mode}, preset {predictor.protocol.name}")
+          f"preset {predictor.protocol.name}")
+    if shipped:
+        best = shipped is demo.shipped_method()
+        print(f"method: {shipped.title}, {'the best that ships' if best else 'as asked'}: {demo.why(shipped)}")
     print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
     vocabulary = _vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
-    summary = _segment_one(predictor, scene_path, vocabulary, out_dir, "demo_scene",
-                           RANDOM_NOTE.split(".")[0] if random else None)
-    with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
-        overlay(np.asarray(Image.open(scene_path)), truth, world.classes).save(tmp, format="PNG")
-    print(f"scene {args.scene} of the synthetic val split; captions: " + " | ".join(c.text for c in scene.captions))
-    for segment in summary["segments"]:
-        print(f"  {segment['label']:<14} area {100 * segment['area']:5.1f}%  mean score {segment['score']:.3f}")
-    if backbone.name.startswith("ovdense-tiny") and not random:
-        for obj, guess in zip(scene.objects, _name_objects(backbone, scene)):
-            print(f"  object crop: {obj.name:<16} -> zero-shot '{guess}'")
-    if vocabulary.names == world.classes:
-        metric = SegmentationMetric(len(world.classes))
-        metric.update(np.asarray(Image.open(out_dir / "demo_scene_labels.png")), truth)
-        print(f"against the exact ground truth: pixel accuracy {metric.compute()['aAcc']:.1f}%")
+    unknown = [n for n in vocabulary.names if n.lower() not in world.classes]
+    check = demo.run_demo(predictor, world, args.scene, vocabulary, out_dir, args.zoom, metadata=_describe(predictor))
+    print(f"val scene {args.scene}; its captions: " + " | ".join(check["captions"]))
+    print(f"classes: {', '.join(vocabulary.names)} (novel things, never in any mask or box of the training data: "
+          f"{', '.join(world.novel)})" + (f"; not in the world, so counted wrong: {', '.join(unknown)}" if unknown else ""))
+    print("each thing, and the label most of its pixels got:")
+    for thing in check["things"]:
+        mark = "right" if thing["correct"] else "WRONG"
+        print(f"  {thing['name']:<18}{' (novel)' if thing['novel'] else '':<9}-> {thing['predicted']:<12} "
+              f"{100 * thing['share']:3.0f}% of its pixels  {mark}")
+    right = sum(t["correct"] for t in check["things"])
+    print(f"against the exact ground truth: pixel accuracy {check['pixel_accuracy']:.1f}%, "
+          f"things right {right} of {len(check['things'])}")
     print(f"wrote {out_dir}/demo_scene_overlay.png (prediction), demo_scene_truth.png (ground truth), "
           "demo_scene_labels.png, demo_scene.json")
     return 0
-
-
-def _name_objects(backbone, scene) -> list[str]:
-    """Zero-shot names ('red star') of each ground-truth object of a synthetic scene, from a crop around it."""
-    from .data.synthetic import COLOURS, THINGS
-    from .engine.clip_pretrain import object_crop, score_object_crops
-    scores = score_object_crops(backbone, [object_crop(scene.image, o.box) for o in scene.objects], list(THINGS))
-    best = scores.flatten(1).argmax(dim=1).tolist()  # index colour * len(THINGS) + shape
-    return [f"{list(COLOURS)[i // len(THINGS)]} {THINGS[i % len(THINGS)]}" for i in best]
 
 
 def cmd_eval(args) -> int:
@@ -451,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic")
     demo.add_argument("--classes", help="free-text classes (default: the synthetic world's 20 class names)")
     demo.add_argument("--scene", type=int, default=0, help="index of the val scene to segment")
-    demo.add_argument("--zoom", type=int, default=4, help="the 64 px scene is shown this many times larger")
+    demo.add_argument("--zoom", type=int, default=4, help="the 96 px scene is shown this many times larger")
     demo.add_argument("--output", default="outputs/demo", help="folder for the pictures and JSON")
     demo.set_defaults(func=cmd_demo)
 

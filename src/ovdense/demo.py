@@ -1,0 +1,104 @@
+"""`ovdense demo`, the offline main job: segment a val scene of the synthetic world with the best method that
+ships in the package, and check every label against the scene's exact ground truth."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data.export import scene_index
+from .data.synthetic import Scene, SyntheticWorld
+
+_WEIGHTS = Path(__file__).resolve().parent / "weights"
+BENCHMARK_COMMAND = ("python benchmarks/bench_synthetic_methods.py --scenes 200 "
+                     "--tcl src/ovdense/weights/tcl-tiny-vit-synthetic.safetensors "
+                     "--denseclip src/ovdense/weights/denseclip-tiny-vit-synthetic.safetensors")
+
+
+@dataclass(frozen=True)
+class ShippedMethod:
+    """A method that segments the synthetic world with the shipped tiny CLIP, and what it scored there.
+
+    miou, base_iou, novel_iou: mean IoU (%) over all 20 classes / the base things / the novel things on the
+    200 first val scenes (BENCHMARK_COMMAND). The demo runs the shipped method with the best `miou`.
+    """
+
+    method: str
+    checkpoint: Path | None  # None: training-free
+    command: str  # how it was made
+    miou: float
+    base_iou: float
+    novel_iou: float
+
+    @property
+    def title(self) -> str:
+        return f"{self.method} ({'shipped checkpoint' if self.checkpoint else 'training-free'})"
+
+
+SHIPPED_METHODS = (  # best first
+    ShippedMethod("denseclip", _WEIGHTS / "denseclip-tiny-vit-synthetic.safetensors",
+                  "ovdense train denseclip --config configs/denseclip_tiny_synthetic.yaml", 54.5, 33.6, 0.0),
+    ShippedMethod("tcl", _WEIGHTS / "tcl-tiny-vit-synthetic.safetensors",
+                  "ovdense train tcl --config configs/tcl_tiny_synthetic.yaml", 30.3, 1.4, 1.2),
+    ShippedMethod("maskclip", None, "training-free", 11.5, 3.9, 1.5),
+)
+
+
+def shipped_method(method: str | None = None) -> ShippedMethod | None:
+    """The best shipped method, or the shipped one named `method` (None if that method ships no checkpoint)."""
+    return next((m for m in SHIPPED_METHODS if method in (None, m.method)), None)
+
+
+def why(chosen: ShippedMethod) -> str:
+    """One line saying how `chosen` compares with the other shipped methods."""
+    def scores(m):
+        return f"{m.miou:.1f} / {m.base_iou:.1f} / {m.novel_iou:.1f}"
+    others = "; ".join(f"{m.title} {scores(m)}" for m in SHIPPED_METHODS if m is not chosen)
+    return (f"mIoU all / base things / novel things on 200 val scenes {scores(chosen)}, against {others} "
+            f"(measured by {BENCHMARK_COMMAND})")
+
+
+def world_labels(labels: np.ndarray, class_names: list[str], world: SyntheticWorld) -> np.ndarray:
+    """(H, W) indices into `class_names` -> indices into world.classes; -1 where the name is not a world class."""
+    lookup = {name.lower(): k for k, name in enumerate(world.classes)}
+    table = np.array([lookup.get(name.lower(), -1) for name in class_names] + [-1])
+    return table[np.clip(labels, -1, len(class_names))]
+
+
+def check_scene(predicted: np.ndarray, scene: Scene, world: SyntheticWorld) -> dict:
+    """Pixel accuracy (%) of `predicted` ((H, W) world class indices) against the scene's exact labels, and for
+    each thing: its name, whether it is novel, the label most of its visible pixels got, and that label's share."""
+    things = []
+    for obj in scene.objects:
+        votes = np.bincount(predicted[obj.mask] + 1, minlength=len(world.classes) + 1)  # +1: -1 is "not a class"
+        top = int(votes.argmax())
+        label = world.classes[top - 1] if top else "(not a world class)"
+        things.append({"name": obj.name, "category": obj.category, "novel": obj.category in world.novel,
+                       "predicted": label, "share": float(votes[top] / votes.sum()), "correct": label == obj.category})
+    return {"pixel_accuracy": 100 * float((predicted == scene.semantic).mean()), "things": things}
+
+
+def run_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: Path, zoom: int = 4,
+             metadata: dict | None = None) -> dict:
+    """Segment val scene `index`; write demo_scene.png (the scene, `zoom` x larger), demo_scene_overlay.png,
+    demo_scene_truth.png, demo_scene_labels.png and demo_scene.json (with the check); returns the check."""
+    from .io import atomic_path
+    from .predictor import SegmentationResult
+    from .visualize import overlay
+    from PIL import Image
+
+    scene = world.scene(scene_index("val", index))
+    result = predictor(scene.image, vocabulary)
+    check = check_scene(world_labels(result.labels, result.class_names, world), scene, world)
+    check["captions"] = list(dict.fromkeys(c.text for c in scene.captions))  # the world may repeat one
+    picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)  # the model saw the scene; people see this
+    with atomic_path(out_dir / "demo_scene.png") as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+    truth = scene.semantic.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    with atomic_path(out_dir / "demo_scene_truth.png") as tmp:
+        overlay(picture, truth, world.classes).save(tmp, format="PNG")
+    shown = SegmentationResult(result.labels.repeat(zoom, axis=0).repeat(zoom, axis=1), result.scores,
+                               result.class_names, picture)
+    shown.save(out_dir, "demo_scene", metadata={**(metadata or {}), "scene": index, "check": check})
+    return check

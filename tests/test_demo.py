@@ -1,0 +1,59 @@
+"""`ovdense demo`: its check against the exact ground truth, and the shipped method it runs."""
+import json
+
+import numpy as np
+from PIL import Image
+
+from ovdense.cli import main
+from ovdense.data.export import scene_index
+from ovdense.data.synthetic import SyntheticWorld
+from ovdense.demo import SHIPPED_METHODS, check_scene, shipped_method, world_labels
+
+
+def test_check_scene_counts_pixels_and_things_exactly():
+    world = SyntheticWorld()
+    scene = world.scene(scene_index("val", 3))
+    perfect = check_scene(scene.semantic.copy(), scene, world)
+    assert perfect["pixel_accuracy"] == 100 and all(t["correct"] and t["share"] == 1 for t in perfect["things"])
+    assert [t["name"] for t in perfect["things"]] == [o.name for o in scene.objects]
+    wrong = scene.semantic.copy()
+    first = scene.objects[0]
+    wrong[first.mask] = world.classes.index("sky")
+    check = check_scene(wrong, scene, world)
+    assert check["pixel_accuracy"] == 100 * (1 - first.mask.sum() / first.mask.size)
+    assert check["things"][0]["predicted"] == "sky" and not check["things"][0]["correct"]
+    assert all(t["correct"] for t in check["things"][1:])
+
+
+def test_world_labels_map_a_vocabulary_by_name():
+    world = SyntheticWorld()
+    labels = np.array([[0, 1], [2, 0]])
+    mapped = world_labels(labels, ["Heart", "sky", "a corgi"], world)
+    assert mapped.tolist() == [[world.classes.index("heart"), 0], [-1, world.classes.index("heart")]]
+
+
+def test_shipped_methods_exist_and_the_first_is_the_best():
+    for method in SHIPPED_METHODS:
+        assert method.checkpoint is None or method.checkpoint.is_file()
+    best = shipped_method()
+    assert best is SHIPPED_METHODS[0]
+    assert all(best.miou >= m.miou for m in SHIPPED_METHODS)
+
+
+def test_demo_reports_what_its_files_show(tmp_path, capsys):
+    """The default demo (shipped model and method) on val scene 1: the printed pixel accuracy and thing verdicts
+    are those of the written label map against the exact ground truth, and most of the scene is right."""
+    assert main(["demo", "--scene", "1", "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "demo_scene.json").read_text())
+    world = SyntheticWorld()
+    scene = world.scene(scene_index("val", 1))
+    zoomed = np.asarray(Image.open(tmp_path / "demo_scene_labels.png"))
+    labels = world_labels(zoomed[::4, ::4].astype(np.int64), report["classes"], world)
+    check = check_scene(labels, scene, world)
+    assert check["pixel_accuracy"] == report["check"]["pixel_accuracy"]
+    assert check["things"] == report["check"]["things"]
+    assert f"pixel accuracy {check['pixel_accuracy']:.1f}%" in out
+    assert f"method: {SHIPPED_METHODS[0].title}, the best that ships" in out
+    assert out.count(scene.captions[0].text) == 1  # captions printed once
+    assert check["pixel_accuracy"] > 70
