@@ -186,3 +186,16 @@ def test_recipes_parse():
                  "denseclip_r101_ade20k", "denseclip_vit_b16_ade20k", "fpn_clip_r50_ade20k"):
         recipe = load_recipe(DenseCLIPRecipe, f"configs/{name}.yaml")
         assert recipe.train["steps"] > 0 and recipe.data["dataset"]
+
+
+def test_a_name_outside_the_training_classes_changes_nothing_under_pamr():
+    """The shipped head with the `synthetic` preset (PAMR on): adding an unknown name leaves every label as it was
+    (an -inf logit once turned the whole map into NaN and then into class 0)."""
+    from ovdense.data.export import scene_index
+    from ovdense.demo import shipped_method
+    method = load_method("denseclip", checkpoint=str(shipped_method("denseclip").checkpoint)).eval()
+    predictor = SegmentationPredictor(method, "synthetic")
+    image = SyntheticWorld().scene(scene_index("val", 0)).image
+    known = predictor(image, ["sky", "sand"]).labels
+    assert len(np.unique(known)) == 2
+    assert np.array_equal(predictor(image, ["sky", "sand", "a corgi"]).labels, known)

@@ -29,6 +29,7 @@ from ..data.datasets import IGNORE_INDEX
 from ..presets import Protocol
 from .base import DenseMethod
 
+UNKNOWN_CLASS_LOGIT = -1e4  # the head's logit for a name outside its training classes: never the argmax
 logger = logging.getLogger(__name__)
 
 
@@ -327,4 +328,5 @@ class DenseCLIP(DenseMethod):
             levels[self.score_level] = torch.cat([levels[self.score_level], scores], dim=1)
         logits = self.decoder(levels)
         picked = logits[:, text.head_index.clamp_min(0)]
-        return picked.masked_fill((text.head_index < 0)[None, :, None, None], float("-inf"))
+        # a finite floor, not -inf: PAMR and window merging average logits, and 0 x -inf would be NaN everywhere
+        return picked.masked_fill((text.head_index < 0)[None, :, None, None], UNKNOWN_CLASS_LOGIT)
