@@ -72,6 +72,7 @@ def test_shapes_stay_distinguishable():
     n, radius = 40, 13.0  # the smallest things of the 96 px world
     silhouettes = {t: _shape_mask(t, (n / 2, n / 2), radius, 0.0, (n, n)) for t in THINGS}
     for i, a in enumerate(THINGS):
+        a_mask = silhouettes[a]
         for b in THINGS[i + 1:]:
             best = 0.0
             for angle in np.linspace(-0.7, 0.7, 8):
@@ -79,7 +80,6 @@ def test_shapes_stay_distinguishable():
                 for dy in (-1, 0, 1):
                     for dx in (-1, 0, 1):
                         moved = np.roll(rotated, (dy, dx), axis=(0, 1))
-                        a_mask = silhouettes[a]
                         best = max(best, (a_mask & moved).sum() / (a_mask | moved).sum())
             assert best < 0.8, (a, b, best)
 

@@ -266,9 +266,9 @@ def cmd_demo(args) -> int:
         print(f"method: {shipped.title}, {'the best that ships' if best else 'as asked'}: {demo.why(shipped)}")
     print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
     vocabulary = _vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
-    unknown = [n for n in vocabulary.names if n.lower() not in world.classes]
     check = demo.run_demo(predictor, world, args.scene, vocabulary, out_dir, args.zoom, metadata=_describe(predictor))
     print(f"val scene {args.scene}; its captions: " + " | ".join(check["captions"]))
+    unknown = check["unknown_classes"]
     print(f"classes: {', '.join(vocabulary.names)} (novel things, never in any mask or box of the training data: "
           f"{', '.join(world.novel)})" + (f"; not in the world, so counted wrong: {', '.join(unknown)}" if unknown else ""))
     print("each thing, and the label most of its pixels got:")

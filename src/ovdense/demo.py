@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .data.export import scene_index
 from .data.synthetic import Scene, SyntheticWorld
+from .io import atomic_path
+from .predictor import SegmentationResult
+from .visualize import overlay
 
 _WEIGHTS = Path(__file__).resolve().parent / "weights"
 BENCHMARK_COMMAND = ("python benchmarks/bench_synthetic_methods.py --scenes 200 "
@@ -59,10 +63,15 @@ def why(chosen: ShippedMethod) -> str:
             f"(measured by {BENCHMARK_COMMAND})")
 
 
+def world_indices(class_names: list[str], world: SyntheticWorld) -> list[int]:
+    """Each name's index in world.classes (case-insensitive), -1 for a name that is not a world class."""
+    lookup = {name.lower(): k for k, name in enumerate(world.classes)}
+    return [lookup.get(name.lower(), -1) for name in class_names]
+
+
 def world_labels(labels: np.ndarray, class_names: list[str], world: SyntheticWorld) -> np.ndarray:
     """(H, W) indices into `class_names` -> indices into world.classes; -1 where the name is not a world class."""
-    lookup = {name.lower(): k for k, name in enumerate(world.classes)}
-    table = np.array([lookup.get(name.lower(), -1) for name in class_names] + [-1])
+    table = np.array(world_indices(class_names, world) + [-1])
     return table[np.clip(labels, -1, len(class_names))]
 
 
@@ -82,16 +91,13 @@ def check_scene(predicted: np.ndarray, scene: Scene, world: SyntheticWorld) -> d
 def run_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: Path, zoom: int = 4,
              metadata: dict | None = None) -> dict:
     """Segment val scene `index`; write demo_scene.png (the scene, `zoom` x larger), demo_scene_overlay.png,
-    demo_scene_truth.png, demo_scene_labels.png and demo_scene.json (with the check); returns the check."""
-    from .io import atomic_path
-    from .predictor import SegmentationResult
-    from .visualize import overlay
-    from PIL import Image
-
+    demo_scene_truth.png, demo_scene_labels.png and demo_scene.json (with the check); returns the check, with
+    the scene's captions (each once) and the vocabulary's names that are not world classes (counted wrong)."""
     scene = world.scene(scene_index("val", index))
     result = predictor(scene.image, vocabulary)
     check = check_scene(world_labels(result.labels, result.class_names, world), scene, world)
     check["captions"] = list(dict.fromkeys(c.text for c in scene.captions))  # the world may repeat one
+    check["unknown_classes"] = [n for n, k in zip(result.class_names, world_indices(result.class_names, world)) if k < 0]
     picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)  # the model saw the scene; people see this
     with atomic_path(out_dir / "demo_scene.png") as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")

@@ -6,13 +6,14 @@ boxes, a semantic label map, and 1-5 captions whose noun phrases carry character
 boxes they refer to. Everything is a pure function of (seed, index, size): `SyntheticWorld(seed=0)
 .scene(7)` is the same scene on every machine.
 
-Version 2 (the default 96 px world) gives things a signal: diameters of 28-52% of the short side (at least
-~25 px, three 8 px patches), shapes whose silhouettes differ (best-aligned IoU <= 0.79 for every pair;
+Version 2 (the default 96 px world) gives things a signal: diameters of 28-52% of the short side (27 px or
+more when whole, over three 8 px patches), shapes whose silhouettes differ (best-aligned IoU <= 0.79 for every pair;
 pentagon and hexagon, near-circles at small sizes, became bar and hourglass), paint that contrasts with the
 stuff underneath, at most a quarter of a thing hidden, and about 19% of the pixels on things.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ STUFF_COLOURS = {"sky": (120, 175, 235), "grass": (70, 150, 50), "water": (40, 1
                  "snow": (235, 240, 250), "brick wall": (165, 70, 50), "wooden floor": (150, 100, 55),
                  "asphalt": (85, 85, 90)}  # the mean colour of each texture
 MIN_CONTRAST = 60  # RGB distance between a thing's paint and the stuff it lies on (no white star on snow)
-MAX_HIDDEN = 0.25  # a thing painted later hides at most this fraction of an earlier thing
+MAX_HIDDEN = 0.25  # a thing painted later hides at most this fraction of what is still visible of an earlier one
 VERSION = 2
 SKY_ONLY_ON_TOP = "sky"
 
@@ -165,14 +166,15 @@ def _shape_mask(category: str, centre: tuple[float, float], radius: float, angle
     return np.asarray(canvas.resize((width, height), Image.BOX)) >= 128
 
 
+@functools.lru_cache(maxsize=None)
+def _unit_area(category: str) -> float:
+    """Area of a shape of radius 1, measured once on a shape drawn with radius 50."""
+    return float(_shape_mask(category, (64, 64), 50, 0.0, (128, 128)).sum()) / 50 ** 2
+
+
 def _shape_area(category: str, radius: float) -> float:
-    """Pixel area of a shape of `radius` drawn whole (cached per category at a reference radius)."""
-    if category not in _UNIT_AREAS:
-        _UNIT_AREAS[category] = _shape_mask(category, (64, 64), 50, 0.0, (128, 128)).sum() / 50 ** 2
-    return _UNIT_AREAS[category] * radius ** 2
-
-
-_UNIT_AREAS: dict[str, float] = {}
+    """Pixel area of a shape of `radius` drawn whole."""
+    return _unit_area(category) * radius ** 2
 
 
 def _box(mask: np.ndarray) -> list[int]:
