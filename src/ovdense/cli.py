@@ -1,4 +1,4 @@
-"""Command line: ovdense demo | segment | eval | synth | train | models.
+"""Command line: ovdense demo | segment | detect | eval | synth | train | models.
 
 torch and open_clip are imported inside the commands, so `ovdense --help` answers at once. Every failure is one
 `error:` line on stderr, never a traceback (unless -v): exit code 1 for data and runtime errors, 2 for usage.
@@ -15,7 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .catalog import DATASETS, DENSE_MODES, METHODS, TEMPLATE_SETS, TRAINED_METHODS
+from .catalog import (DATASETS, DENSE_MODES, DETECTION_METHODS, DETECTION_PRESETS, DETECTION_PROTOCOLS, METHODS, NMS_KINDS,
+                      TEMPLATE_SETS, TRAINED_METHODS)
 from .errors import InputError, UsageError
 from .presets import PRESETS
 
@@ -45,14 +46,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai"
-                    ) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai",
+                    methods=METHODS, presets=None) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", help=f"open_clip architecture (see `ovdense models`; default: {default_model}, "
                                          "or the one a --checkpoint was trained on)")
     group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, or 'random' "
                                          f"(default: {default_weights}, or those a --checkpoint records)")
-    group.add_argument("--method", choices=METHODS,
+    group.add_argument("--method", choices=methods,
                        help=f"default: the one a --checkpoint records, else maskclip; trained methods "
                             f"({', '.join(TRAINED_METHODS)}) need --checkpoint")
     group.add_argument("--checkpoint", help="a trained method's file (from `ovdense train METHOD`)")
@@ -65,7 +66,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B
                        help="do not read or write the on-disk text-embedding cache ($OVDENSE_CACHE_DIR, default "
                             "~/.cache/ovdense)")
     proto = parser.add_argument_group("protocol (each overrides the preset)")
-    proto.add_argument("--preset", choices=sorted(PRESETS),
+    proto.add_argument("--preset", choices=presets or sorted(PRESETS),
                        help="published inference settings (default: the one the weights or checkpoint recommend, "
                             "else 'default')")
     proto.add_argument("--short-side", type=int, help="resize the image's short side to this many pixels")
@@ -241,6 +242,79 @@ def cmd_segment(args) -> int:
     return 1 if failures else 0
 
 
+def _add_detector_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("detector")
+    group.add_argument("--method", choices=DETECTION_METHODS, default="regionclip", help="the detection method")
+    group.add_argument("--checkpoint", help="a trained detector (from `ovdense train regionclip`)")
+    group.add_argument("--weights", help="'synthetic': the detector shipped with ovdense; with --checkpoint: other "
+                                         "CLIP weights for its text tower")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    group.add_argument("--no-cache", action="store_true", help="do not use the on-disk text-embedding cache")
+    proto = parser.add_argument_group("protocol (each overrides the preset)")
+    proto.add_argument("--preset", choices=DETECTION_PRESETS, help="published test settings (default: the one "
+                                                                   "the detector recommends, else ov-coco)")
+    proto.add_argument("--nms", choices=NMS_KINDS, help="class-wise NMS, class-wise Gaussian soft-NMS, or none")
+    proto.add_argument("--iou", type=float, dest="iou_threshold", help="the NMS IoU threshold")
+    proto.add_argument("--top-k", type=int, dest="max_detections", help="most detections kept per image")
+
+
+def _build_detection_predictor(args, score_threshold: float | None = None):
+    """The detection predictor the options describe; returns (predictor, a dict describing it)."""
+    from .detection.predictor import DetectionPredictor
+    from .device import check_device_name, resolve_device
+    from .methods import load_detector
+    from .presets import get_detection_protocol
+    from .text.cache import disable_disk_cache
+    check_device_name(args.device)
+    if getattr(args, "max_detections", None) is not None and args.max_detections < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.max_detections}")
+    if args.no_cache:
+        disable_disk_cache()
+    detector, recommended = load_detector(args.method, args.checkpoint, args.weights, str(resolve_device(args.device)))
+    protocol = get_detection_protocol(args.preset or recommended or "ov-coco").updated(
+        nms=getattr(args, "nms", None), iou_threshold=getattr(args, "iou_threshold", None),
+        max_detections=getattr(args, "max_detections", None), score_threshold=score_threshold)
+    from dataclasses import asdict
+    described = {"method": args.method, "model": detector.clip.name, "weights": detector.clip.weights,
+                 "checkpoint": args.checkpoint, "protocol": asdict(protocol)}
+    return DetectionPredictor(detector, protocol), described
+
+
+def cmd_detect(args) -> int:
+    from tqdm import tqdm
+
+    from .io import prepare_output_dir
+    if not 0 <= args.threshold < 1:
+        raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
+    vocabulary = _vocabulary(args)
+    out_dir = prepare_output_dir(args.output)
+    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
+    for message in unmatched:
+        _error(message)
+    if not paths:
+        return 1
+    predictor, described = _build_detection_predictor(args, score_threshold=args.threshold)
+    import torch
+    failures = len(unmatched)
+    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img",
+                           disable=True if args.quiet or len(paths) < 2 else None):
+        try:
+            result = predictor(path, vocabulary)
+            result.save(out_dir, stem, metadata={"image": str(path), **described})
+        except (InputError, MemoryError, torch.OutOfMemoryError) as error:
+            failures += 1
+            tqdm.write(f"error: {error if isinstance(error, InputError) else f'{path}: out of memory ({error})'}",
+                       file=sys.stderr)
+            continue
+        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
+        more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
+        tqdm.write(f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png")
+    if failures and len(paths) + len(unmatched) > 1:
+        print(f"{failures} of {len(paths) + len(unmatched)} inputs failed (see above); the others are in {out_dir}",
+              file=sys.stderr)
+    return 1 if failures else 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
     from .data.synthetic import SyntheticWorld
@@ -284,13 +358,67 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _finite(value):
+    """JSON has no NaN (a class absent from the data has no IoU): null instead."""
+    import math
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return [_finite(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def cmd_eval_detection(args) -> int:
+    import json
+
+    from .io import check_output_file, write_text_atomic
+    if args.method not in DETECTION_METHODS:
+        raise UsageError(f"--annotations evaluates a detector: --method {' or '.join(DETECTION_METHODS)}, not "
+                         f"{args.method}")
+    if args.preset is not None and args.preset not in DETECTION_PRESETS:
+        raise UsageError(f"--preset {args.preset} is a segmentation preset; detection has {', '.join(DETECTION_PRESETS)}")
+    for option in ("output", "results"):
+        if getattr(args, option):
+            check_output_file(getattr(args, option))
+    import torch.distributed as dist
+
+    from .data.detection import DetectionDataset
+    from .eval.detection import check_protocol, default_protocol, evaluate_detection
+    dataset = DetectionDataset(args.annotations, args.images)
+    protocol = args.protocol or default_protocol(dataset)
+    check_protocol(dataset, protocol, args.fixed_ap)
+    predictor, described = _build_detection_predictor(args)
+    if protocol == "lvis" and args.preset is None:
+        predictor.protocol = predictor.protocol.updated(max_detections=300)
+    metrics = evaluate_detection(predictor, dataset, protocol, limit=args.limit, progress=not args.quiet,
+                                 fixed_ap=args.fixed_ap, results_path=args.results)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
+    if args.output:
+        report = {"annotations": str(args.annotations), "protocol": protocol, "fixed_ap": args.fixed_ap,
+                  "images": min(len(dataset), args.limit or len(dataset)), **described, "metrics": metrics}
+        write_text_atomic(args.output, json.dumps(_finite(report), indent=2, allow_nan=False))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
-    import math
 
     from .io import check_output_file, write_text_atomic
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.annotations:
+        return cmd_eval_detection(args)
+    if args.dataset is None or args.root is None:
+        raise UsageError("give --dataset and --root (segmentation) or --annotations (a COCO / LVIS JSON, detection)")
+    if args.method in DETECTION_METHODS or args.preset in DETECTION_PRESETS:
+        raise UsageError(f"{args.method if args.method in DETECTION_METHODS else args.preset} is for detection: "
+                         "evaluate it with --annotations FILE")
     _check_model_options(args, args.dataset)
     if args.output:
         check_output_file(args.output)
@@ -310,13 +438,7 @@ def cmd_eval(args) -> int:
     if args.output:
         report = {"dataset": args.dataset, "split": args.split, "images": min(len(dataset), args.limit or len(dataset)),
                   **_describe(predictor), "metrics": metrics, "classes": dataset.vocabulary.names}
-        def finite(value):  # JSON has no NaN (a class absent from the data has no IoU): null instead
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, dict):
-                return {k: finite(v) for k, v in value.items()}
-            return [finite(v) for v in value] if isinstance(value, (list, tuple)) else value
-        write_text_atomic(args.output, json.dumps(finite(report), indent=2, allow_nan=False))
+        write_text_atomic(args.output, json.dumps(_finite(report), indent=2, allow_nan=False))
         print(f"wrote {args.output}")
     return 0
 
@@ -358,6 +480,9 @@ def cmd_train(args) -> int:
     if args.what == "clip":
         from .engine.clip_pretrain import PretrainConfig, pretrain_clip
         recipe_class, train = PretrainConfig, pretrain_clip
+    elif args.what in ("rpn", "regionclip-pretrain", "regionclip"):
+        from .engine.regionclip_train import RECIPES
+        recipe_class, train = RECIPES[args.what]
     else:
         from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
         from .engine.tcl_train import TCLRecipe, train_tcl
@@ -383,8 +508,11 @@ def cmd_train(args) -> int:
         print(f"stopped by --max-steps before the recipe's {steps} steps: nothing exported. The run resumes from "
               f"{output / 'last.pt'}: run the same command again (without --restart) to continue.")
         return 0
-    if args.what == "clip":
+    if args.what in ("clip", "rpn", "regionclip-pretrain"):
         print(f"wrote {export}")
+    elif args.what == "regionclip":
+        print(f"wrote {export}; detect with: ovdense detect IMAGE --method regionclip --checkpoint {export} "
+              "--classes '...'")
     else:
         print(f"wrote {export}; segment with: ovdense segment IMAGE --method {args.what} --checkpoint {export} "
               "--classes '...'")
@@ -450,13 +578,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(seg)
     seg.set_defaults(func=cmd_segment)
 
-    ev = sub.add_parser("eval", formatter_class=_Formatter, help="mIoU of a method on a standard dataset")
-    ev.add_argument("--dataset", required=True, choices=DATASETS)
-    ev.add_argument("--root", required=True, help="dataset folder (see ovdense.data.datasets for layouts)")
+    det = sub.add_parser("detect", formatter_class=_Formatter, help="detect free-text classes in images (boxes)")
+    det.add_argument("images", nargs="+", help="image files, folders (their images) or globs ('photos/**/*.jpg')")
+    det.add_argument("--classes", help="'heart, red star; star': ',' separates classes, ';' synonyms")
+    det.add_argument("--classes-file", help="one class per line, synonyms separated by ';'")
+    det.add_argument("--threshold", type=float, default=0.3, help="keep boxes scoring above this")
+    det.add_argument("--output", default="outputs/detect", help="folder for <stem>_boxes.png and <stem>.json")
+    _add_detector_args(det)
+    det.set_defaults(func=cmd_detect)
+
+    ev = sub.add_parser("eval", formatter_class=_Formatter,
+                        help="mIoU of a segmenter on a standard dataset, or AP of a detector on COCO / LVIS JSON")
+    ev.add_argument("--dataset", choices=DATASETS, help="segmentation: the dataset")
+    ev.add_argument("--root", help="segmentation: dataset folder (see ovdense.data.datasets for layouts)")
+    ev.add_argument("--annotations", help="detection: a COCO-format or LVIS v1 instances JSON")
+    ev.add_argument("--images", help="detection: the image folder (default: the JSON's folder)")
+    ev.add_argument("--protocol", choices=DETECTION_PROTOCOLS, help="detection metrics (default: lvis for LVIS, "
+                                                                    "ov-coco when the classes have a base/novel split)")
+    ev.add_argument("--fixed-ap", action="store_true", help="LVIS: Fixed AP (10,000 per class, no per-image cap)")
+    ev.add_argument("--results", help="detection: also write the COCO results JSON here")
     ev.add_argument("--split", default="val", help="the dataset's split (its list file, e.g. val.txt)")
     ev.add_argument("--limit", type=int, help="evaluate only the first N images")
     ev.add_argument("--output", help="write the metrics as JSON to this file")
-    _add_model_args(ev)
+    _add_model_args(ev, methods=METHODS + DETECTION_METHODS, presets=sorted(PRESETS) + list(DETECTION_PRESETS))
     ev.set_defaults(func=cmd_eval)
 
     synth = sub.add_parser("synth", formatter_class=_Formatter, help="export the synthetic world in the standard formats")
@@ -469,9 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", formatter_class=_Formatter, help="train a model from a YAML recipe")
-    train.add_argument("what", metavar="{clip,tcl,denseclip}", choices=["clip", "tcl", "denseclip"],
+    kinds = ["clip", "tcl", "denseclip", "rpn", "regionclip-pretrain", "regionclip"]
+    train.add_argument("what", metavar="{" + ",".join(kinds) + "}", choices=kinds,
                        help="clip: a tiny CLIP from scratch on synthetic captions; tcl: TCL from image-caption pairs; "
-                            "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset")
+                            "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset; rpn: a "
+                            "class-agnostic RPN on base boxes; regionclip-pretrain: RegionCLIP region-text pretraining; "
+                            "regionclip: the RegionCLIP open-vocabulary detector")
     train.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     train.add_argument("--output", help="the run folder: checkpoint (last.pt), metrics.csv and, by default, the "
                                         "exported weights (default: runs/clip, runs/tcl or runs/denseclip)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from .catalog import NMS_KINDS
 from .errors import UsageError
 
 
@@ -150,3 +151,58 @@ def get_protocol(protocol: "Protocol | str") -> Protocol:
     if protocol not in PRESETS:
         raise UsageError(f"unknown preset {protocol!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[protocol]
+
+
+@dataclass(frozen=True)
+class DetectionProtocol:
+    """Detection inference settings (detectron2's INPUT and ROI_HEADS test keys, as RegionCLIP's test scripts set them).
+
+    short, max_size: ResizeShortestEdge (MIN_SIZE_TEST, MAX_SIZE_TEST).
+    score_threshold: (box, class) pairs scoring at most this are dropped before NMS (SCORE_THRESH_TEST).
+    nms: 'class' (class-wise NMS), 'soft' (class-wise Gaussian soft-NMS, sigma `soft_nms_sigma`, pruned at 0.001)
+        or 'none'; iou_threshold: NMS_THRESH_TEST. max_detections: DETECTIONS_PER_IMAGE.
+    multiply_objectness: class probability -> sqrt(p x RPN objectness probability) (RegionCLIP's LVIS setting).
+    """
+
+    name: str
+    short: int = 800
+    max_size: int = 1333
+    score_threshold: float = 0.001
+    nms: str = "soft"
+    iou_threshold: float = 0.5
+    soft_nms_sigma: float = 0.5
+    max_detections: int = 100
+    multiply_objectness: bool = False
+
+    def __post_init__(self):
+        checks = {"short": isinstance(self.short, int) and self.short > 0,
+                  "max_size": isinstance(self.max_size, int) and self.max_size >= self.short,
+                  "score_threshold": 0 <= self.score_threshold < 1, "nms": self.nms in NMS_KINDS,
+                  "iou_threshold": 0 < self.iou_threshold <= 1, "soft_nms_sigma": self.soft_nms_sigma > 0,
+                  "max_detections": isinstance(self.max_detections, int) and self.max_detections > 0}
+        for key, ok in checks.items():
+            if not ok:
+                raise UsageError(f"{key} (--{key.replace('_', '-')}) has an invalid value {getattr(self, key)!r}")
+
+    def updated(self, **changes) -> "DetectionProtocol":
+        """A copy with the given fields changed; None values are ignored."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+DETECTION_PRESETS: dict[str, DetectionProtocol] = {
+    # RegionCLIP on OV-COCO (test_transfer_learning.sh): 800 / 1333, score 0.001, soft-NMS 0.5, 100 per image.
+    "ov-coco": DetectionProtocol("ov-coco"),
+    # RegionCLIP on LVIS: score 0.02, 300 per image, objectness multiplied in (with the intended sigmoid).
+    "lvis": DetectionProtocol("lvis", score_threshold=0.02, max_detections=300, multiply_objectness=True),
+    # The synthetic world at its 96 px training scale, otherwise as OV-COCO.
+    "synthetic-detection": DetectionProtocol("synthetic-detection", short=96, max_size=96),
+}
+
+
+def get_detection_protocol(protocol: "DetectionProtocol | str") -> DetectionProtocol:
+    """A DetectionProtocol, or the detection preset of that name."""
+    if isinstance(protocol, DetectionProtocol):
+        return protocol
+    if protocol not in DETECTION_PRESETS:
+        raise UsageError(f"unknown detection preset {protocol!r}; choose one of {', '.join(DETECTION_PRESETS)}")
+    return DETECTION_PRESETS[protocol]

@@ -296,3 +296,28 @@ def overlay(image, labels: np.ndarray, class_names: Sequence[str], alpha: float 
     if note:
         draw.text((4, height + margin // 2 - line_top), note, fill=(200, 0, 0), font=font)
     return canvas
+
+
+def draw_boxes(image, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
+               width: int | None = None, font_size: int | None = None) -> Image.Image:
+    """(H, W, 3) image + (N, 4) xyxy boxes, (N,) labels and scores -> a PIL image with each box outlined in its
+    class colour and captioned 'name 0.87' (the best box drawn last, on top)."""
+    shape = image.size[::-1] if isinstance(image, Image.Image) else np.asarray(image).shape[:2]
+    rgb = _as_rgb(image, shape)
+    canvas = Image.fromarray(rgb)
+    height, img_width = rgb.shape[:2]
+    draw = ImageDraw.Draw(canvas)
+    colours = class_colours(list(class_names))
+    width = width or max(1, round(min(height, img_width) / 200))
+    size = font_size or max(10, min(32, round(min(height, img_width) / 30)))
+    font = _font(size)
+    for box, label, score in reversed(list(zip(np.asarray(boxes), np.asarray(labels), np.asarray(scores)))):
+        colour = tuple(int(c) for c in colours[int(label)])
+        x0, y0, x1, y1 = (float(v) for v in box)
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=width)
+        text = f"{class_names[int(label)]} {float(score):.2f}"
+        left, top, text_w, text_h = _text_size(font, text)
+        text_y = y0 - text_h - 2 if y0 - text_h - 2 >= 0 else y0
+        draw.rectangle([x0, text_y, x0 + text_w + 3, text_y + text_h + 2], fill=colour)
+        draw.text((x0 + 1 - left, text_y + 1 - top), text, fill=_ink(colour), font=font)
+    return canvas

@@ -365,14 +365,17 @@ class CLIPBackbone(nn.Module):
             stages.append(x)
         return stages
 
-    def _attention_pool(self, x: torch.Tensor) -> torch.Tensor:
-        """CLIP's attention pool with every location as a query: (B, C, h, w) -> (B, 1 + h*w, D), token 0 global."""
+    def _attention_pool(self, x: torch.Tensor, global_only: bool = False) -> torch.Tensor:
+        """CLIP's attention pool with every location as a query: (B, C, h, w) -> (B, 1 + h*w, D), token 0 global.
+
+        global_only: only the global query (the mean token), as CLIP itself: -> (B, 1, D).
+        """
         pool = self.visual.attnpool
         tokens = x.flatten(2).permute(2, 0, 1)  # (h*w, B, C)
         tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
         tokens = tokens + resize_grid_embedding(pool.positional_embedding, tuple(x.shape[-2:]))[:, None].to(x.dtype)
         out, _ = F.multi_head_attention_forward(
-            query=tokens, key=tokens, value=tokens, embed_dim_to_check=tokens.shape[-1],
+            query=tokens[:1] if global_only else tokens, key=tokens, value=tokens, embed_dim_to_check=tokens.shape[-1],
             num_heads=pool.num_heads, q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,
             v_proj_weight=pool.v_proj.weight, in_proj_weight=None,
             in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),

@@ -166,6 +166,15 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, scale: tupl
     return image[y:y + side, x:x + side]
 
 
+def pair_pixels(item: ImageText) -> np.ndarray:
+    """The (H, W, 3) uint8 image of a pair, from its file or its tar shard."""
+    if item.offset < 0:
+        return load_image(item.image)
+    with open(item.image, "rb") as handle:
+        handle.seek(item.offset)
+        return load_image(Image.open(io.BytesIO(handle.read(item.size))))
+
+
 class ImageTextDataset(torch.utils.data.Dataset):
     """Map-style dataset over `read_sources(sources)`: item i -> (image (3, size, size), text).
 
@@ -185,17 +194,10 @@ class ImageTextDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _pixels(self, item: ImageText) -> np.ndarray:
-        if item.offset < 0:
-            return load_image(item.image)
-        with open(item.image, "rb") as handle:
-            handle.seek(item.offset)
-            return load_image(Image.open(io.BytesIO(handle.read(item.size))))
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         item = self.items[index]
         rng = np.random.default_rng([self.seed, index])
-        image = self._pixels(item)
+        image = pair_pixels(item)
         if self.scale != (1.0, 1.0):
             image = random_resized_crop(image, rng, self.scale)
         text = item.caption

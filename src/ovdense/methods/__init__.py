@@ -5,6 +5,8 @@ Training-free methods are built from a backbone; trained ones are loaded from th
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..backbones import load_clip
 from ..backbones.loading import PACKAGED_WEIGHTS
 from ..catalog import TRAINED_METHODS
@@ -13,8 +15,17 @@ from .base import DenseMethod, read_trained
 from .maskclip import MaskCLIP, refine_output
 from .denseclip import DenseCLIP
 from .tcl import TCL
+from .regionclip import RegionCLIPDetector
 
 METHODS = {"maskclip": MaskCLIP, "tcl": TCL, "denseclip": DenseCLIP}
+DETECTORS = {"regionclip": RegionCLIPDetector}
+_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+# Detectors shipped in the package, by (method, weights name): file, the command that made it, its preset.
+PACKAGED_DETECTORS = {
+    ("regionclip", "synthetic"): (_WEIGHTS / "regionclip-tiny-vit-synthetic.safetensors",
+                                  "ovdense train regionclip --config configs/regionclip_tiny_synthetic.yaml",
+                                  "synthetic-detection"),
+}
 
 
 def load_method(name: str, model: str | None = None, weights: str | None = None, mode: str | None = None,
@@ -45,5 +56,22 @@ def recommended_preset(name: str, model: str | None = None, weights: str | None 
     return packaged.preset if packaged else None
 
 
-__all__ = ["METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
+def load_detector(name: str = "regionclip", checkpoint: str | None = None, weights: str | None = None,
+                  device: str = "cpu"):
+    """A trained detector from `checkpoint` (its CLIP from the recorded name and weights, or `weights`), or the one
+    shipped in the package as `weights` (e.g. 'synthetic'); returns (detector, its recommended preset or None)."""
+    if name not in DETECTORS:
+        raise UsageError(f"unknown detection method {name!r}; choose one of {', '.join(DETECTORS)}")
+    if not checkpoint:
+        packaged = PACKAGED_DETECTORS.get((name, weights))
+        if packaged is None:
+            shipped = ", ".join(w for m, w in PACKAGED_DETECTORS if m == name)
+            raise UsageError(f"{name} needs a trained detector: --checkpoint FILE (from `ovdense train {name}`) or "
+                             f"--weights {shipped} for the one shipped with ovdense")
+        return DETECTORS[name].from_checkpoint(packaged[0], device=device), packaged[2]
+    metadata = read_trained(checkpoint, tensors=False)[0]
+    return DETECTORS[name].from_checkpoint(checkpoint, device=device, weights=weights), metadata.get("preset")
+
+
+__all__ = ["DETECTORS", "PACKAGED_DETECTORS", "RegionCLIPDetector", "load_detector", "METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
            "refine_output"]

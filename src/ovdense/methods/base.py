@@ -25,7 +25,32 @@ from ..io import atomic_path
 from ..text import TextEmbeddingCache
 
 
-class DenseMethod(nn.Module):
+class TrainedModel:
+    """What trained models share: `name`, `backbone` (the CLIP they were built on) and the constructor arguments
+    besides it in `self.config`; `saved_prefixes`: frozen parts saved all the same (they do not come from the CLIP)."""
+
+    saved_prefixes: tuple[str, ...] = ()
+
+    def save(self, path: str | Path, preset: str | None = None) -> Path:
+        """Write the trained weights (not the frozen CLIP), the constructor arguments and the recommended inference
+        preset (used when a user names none) as safetensors."""
+        return save_trained(self, path, self.config, preset, self.saved_prefixes)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None, **overrides):
+        """Rebuild a saved method: its CLIP from the recorded name and weights (or `weights`), then the
+        trained weights. overrides: constructor arguments to change (e.g. kp_weight=0, inference='score_map')."""
+        metadata, state = read_trained(path)
+        if metadata["method"] != cls.name:
+            raise CheckpointError(f"{path} holds a {metadata['method']} model, not {cls.name}: pass "
+                                  f"--method {metadata['method']}")
+        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
+        method = cls(backbone, **{**metadata["config"], **overrides})
+        load_trained_state(method, state, str(path))
+        return method.to(device).eval()
+
+
+class DenseMethod(TrainedModel, nn.Module):
     """Base class: a CLIP backbone, cached template-averaged text embeddings, cosine scores."""
 
     name = "method"
@@ -45,33 +70,18 @@ class DenseMethod(nn.Module):
         """(Q,) names -> (Q, D) unit-norm text embeddings averaged over `templates`."""
         return cache.embed(self.backbone, queries, templates)
 
-    # Trained methods keep their constructor arguments (besides the backbone) in `self.config`.
-    def save(self, path: str | Path, preset: str | None = None) -> Path:
-        """Write the trained weights (not the frozen CLIP), the constructor arguments and the recommended inference
-        preset (used when a user names none) as safetensors."""
-        return save_trained(self, path, self.config, preset)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", weights: str | None = None, **overrides):
-        """Rebuild a saved method: its CLIP from the recorded name and weights (or `weights`), then the
-        trained weights. overrides: constructor arguments to change (e.g. kp_weight=0, inference='score_map')."""
-        metadata, state = read_trained(path)
-        if metadata["method"] != cls.name:
-            raise CheckpointError(f"{path} holds a {metadata['method']} model, not {cls.name}: pass "
-                                  f"--method {metadata['method']}")
-        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
-        method = cls(backbone, **{**metadata["config"], **overrides})
-        load_trained_state(method, state, str(path))
-        return method.to(device).eval()
-
-
-def save_trained(method: nn.Module, path: str | Path, config: dict, preset: str | None = None) -> Path:
+def save_trained(method: nn.Module, path: str | Path, config: dict, preset: str | None = None,
+                 prefixes: tuple[str, ...] = ()) -> Path:
     """Write the trainable weights and the buffers (e.g. BatchNorm statistics) of `method`, not its frozen
     CLIP weights, and how to rebuild it, as safetensors.
 
-    config: the constructor arguments of the method besides the backbone.
+    config: the constructor arguments of the method besides the backbone. prefixes: state-dict prefixes saved
+    whole, frozen or not.
     """
-    state = {k: v.detach().float().contiguous() for k, v in trained_state(method).items()}
+    state = trained_state(method)
+    state.update({k: v for k, v in method.state_dict().items() if k.startswith(tuple(prefixes)) and prefixes})
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
     backbone = method.backbone
     metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
                 "config": json.dumps(config), **({"preset": preset} if preset else {})}

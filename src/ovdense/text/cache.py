@@ -93,18 +93,20 @@ class TextEmbeddingCache:
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     @torch.no_grad()
-    def embed(self, backbone, names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
-        """(N,) names -> (N, D) unit-norm float32 CPU embeddings: mean over templates of normalised prompt embeddings.
+    def embed(self, backbone, names: list[str], templates: tuple[str, ...], raw_mean: bool = False) -> torch.Tensor:
+        """(N,) names -> (N, D) unit-norm float32 CPU embeddings: mean over templates of normalised prompt embeddings
+        (`raw_mean`: of the prompt embeddings as the text tower gives them, RegionCLIP's concept embeddings).
 
         backbone: a `CLIPBackbone`, or anything with `name`, `text_fingerprint` and `encode_text(prompts) -> (P, D)`.
         """
-        prefix = (backbone.name, backbone.text_fingerprint, hashlib.sha256(json.dumps(templates).encode()).hexdigest())
+        recipe = json.dumps(templates if not raw_mean else {"raw_mean": templates})
+        prefix = (backbone.name, backbone.text_fingerprint, hashlib.sha256(recipe.encode()).hexdigest())
         keys = [(*prefix, name) for name in names]
         missing = [key[-1] for key in dict.fromkeys(keys) if key not in self._entries]
         if missing:
             found = self._on_disk(self._load, prefix, missing) or {}
             new = [name for name in missing if name not in found]
-            encoded = dict(zip(new, self._encode(backbone, new, templates))) if new else {}
+            encoded = dict(zip(new, self._encode(backbone, new, templates, raw_mean))) if new else {}
             self._on_disk(self._store, prefix, encoded, list(found))
             for name in missing:
                 self._entries[(*prefix, name)] = found[name] if name in found else encoded[name]
@@ -115,12 +117,12 @@ class TextEmbeddingCache:
             self._entries.popitem(last=False)
         return out
 
-    def _encode(self, backbone, names: list[str], templates: tuple[str, ...]) -> torch.Tensor:
+    def _encode(self, backbone, names: list[str], templates: tuple[str, ...], raw_mean: bool = False) -> torch.Tensor:
         """(N,) names -> (N, D) float32 CPU embeddings, by the text encoder in batches of `batch_size` prompts."""
         prompts = [t.format(name) for name in names for t in templates]
         encoded = torch.cat([backbone.encode_text(prompts[i:i + self.batch_size]).float()
                              for i in range(0, len(prompts), self.batch_size)])
-        encoded = F.normalize(encoded, dim=-1).reshape(len(names), len(templates), -1)
+        encoded = (encoded if raw_mean else F.normalize(encoded, dim=-1)).reshape(len(names), len(templates), -1)
         return F.normalize(encoded.mean(dim=1), dim=-1).cpu()
 
     # -------------------------------------------------------------------------------- disk layer

@@ -12,6 +12,8 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     "single": ("a photo of a {}.",),
+    # RegionCLIP's 81 (clip_prompt_utils.get_prompt_templates): '{}.' and the 80 ImageNet ones
+    "regionclip81": ("{}.",) + tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
     # TCL's evaluation templates ('custom' in kakaobrain/tcl datasets/templates.py)
     "tcl": ("itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
             "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of many {}.",

@@ -1,0 +1,1 @@
+"""Official checkpoints -> ovdense, one module per official repository."""
