@@ -209,7 +209,6 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 
 def cmd_segment(args) -> int:
-    from tqdm import tqdm
 
     from .io import prepare_output_dir
     _check_model_options(args)
@@ -223,21 +222,32 @@ def cmd_segment(args) -> int:
     predictor = _build_predictor(args)
     random = predictor.backbone.weights.startswith("random")
     note = RANDOM_NOTE.split(".")[0] if random else None
+
+    def segment(path: Path, stem: str) -> str:
+        summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
+        found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
+        return f"{path}: {found} -> {out_dir / stem}_overlay.png"
+    return _each_image(paths, len(unmatched), out_dir, "segment", args.quiet, segment)
+
+
+def _each_image(paths: list[Path], failed: int, out_dir: Path, desc: str, quiet: bool, work) -> int:
+    """Run work(path, stem) -> a line to print over every input with a progress bar; an image that fails (bad input,
+    out of memory) is reported and the others go on. failed: inputs that already failed. Returns the exit code."""
     import torch
-    failures = len(unmatched)
-    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="segment", unit="img",
-                           disable=True if args.quiet or len(paths) < 2 else None):  # None: on a terminal only
+    from tqdm import tqdm
+    failures = failed
+    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc=desc, unit="img",
+                           disable=True if quiet or len(paths) < 2 else None):  # None: on a terminal only
         try:
-            summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
+            line = work(path, stem)
         except (InputError, MemoryError, torch.OutOfMemoryError) as error:  # this image fails; the others go on
             failures += 1
             reason = str(error) if isinstance(error, InputError) else f"{path}: out of memory ({error})"
             tqdm.write(f"error: {reason}", file=sys.stderr)
             continue
-        found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
-        tqdm.write(f"{path}: {found} -> {out_dir / stem}_overlay.png")
-    if failures and len(paths) + len(unmatched) > 1:
-        print(f"{failures} of {len(paths) + len(unmatched)} inputs failed (see above); the others are in {out_dir}",
+        tqdm.write(line)
+    if failures and len(paths) + failed > 1:
+        print(f"{failures} of {len(paths) + failed} inputs failed (see above); the others are in {out_dir}",
               file=sys.stderr)
     return 1 if failures else 0
 
@@ -281,7 +291,6 @@ def _build_detection_predictor(args, score_threshold: float | None = None):
 
 
 def cmd_detect(args) -> int:
-    from tqdm import tqdm
 
     from .io import prepare_output_dir
     if not 0 <= args.threshold < 1:
@@ -294,25 +303,14 @@ def cmd_detect(args) -> int:
     if not paths:
         return 1
     predictor, described = _build_detection_predictor(args, score_threshold=args.threshold)
-    import torch
-    failures = len(unmatched)
-    for path, stem in tqdm(list(zip(paths, output_stems(paths))), desc="detect", unit="img",
-                           disable=True if args.quiet or len(paths) < 2 else None):
-        try:
-            result = predictor(path, vocabulary)
-            result.save(out_dir, stem, metadata={"image": str(path), **described})
-        except (InputError, MemoryError, torch.OutOfMemoryError) as error:
-            failures += 1
-            tqdm.write(f"error: {error if isinstance(error, InputError) else f'{path}: out of memory ({error})'}",
-                       file=sys.stderr)
-            continue
+
+    def detect(path: Path, stem: str) -> str:
+        result = predictor(path, vocabulary)
+        result.save(out_dir, stem, metadata={"image": str(path), **described})
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
-        tqdm.write(f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png")
-    if failures and len(paths) + len(unmatched) > 1:
-        print(f"{failures} of {len(paths) + len(unmatched)} inputs failed (see above); the others are in {out_dir}",
-              file=sys.stderr)
-    return 1 if failures else 0
+        return f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png"
+    return _each_image(paths, len(unmatched), out_dir, "detect", args.quiet, detect)
 
 
 def cmd_demo(args) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers

@@ -21,7 +21,6 @@ from ..detection.images import pad_batch, prepare_image
 from ..errors import InputError
 from ..io import atomic_path
 from ..methods.regionclip import RegionCLIPDetector, RegionCLIPPretrainer, RegionProposer
-from ..text import Vocabulary
 from . import checks
 from .checks import within
 from .recipe import TrainSection, check_clip, check_export, check_synthesize, start_run

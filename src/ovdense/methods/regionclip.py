@@ -11,7 +11,6 @@ background class whose embedding is the zero vector (its logit is always 0), div
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
