@@ -10,7 +10,7 @@ import torch
 from ovdense.data.synthetic import SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
 from ovdense.engine.clip_pretrain import SyntheticCaptions, clip_loss
-from ovdense.engine.trainer import check_resume, read_checkpoint, seeded
+from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
 
@@ -87,13 +87,28 @@ def _linear_trainer(out, steps=4, run=None, fail_at=None, **config):
     return trainer
 
 
+def test_sgd_with_momentum_learns_and_resumes_exactly(tmp_path):
+    straight = _linear_trainer(tmp_path / "a", steps=6, optimizer="sgd")
+    straight.fit()
+    assert isinstance(straight.optimizer, torch.optim.SGD) and straight.optimizer.defaults["momentum"] == 0.9
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert losses[-1] < 0.5 * losses[0]
+    killed = _linear_trainer(tmp_path / "b", steps=6, optimizer="sgd")
+    killed.fit(max_steps=2)
+    resumed = _linear_trainer(tmp_path / "b", steps=6, optimizer="sgd")
+    resumed.fit()  # the momentum buffers come back with the checkpoint
+    torch.testing.assert_close(straight.model.weight, resumed.model.weight)
+
+
 @pytest.mark.parametrize("values, key", [
     ({"steps": 0}, "steps"), ({"steps": "ten"}, "steps"), ({"steps": 2.5}, "steps"), ({"steps": True}, "steps"),
     ({"batch_size": 0}, "batch_size"), ({"batch_size": 6, "accumulate": 4}, "batch_size"),
     ({"accumulate": 0}, "accumulate"), ({"lr": -1e-3}, "lr"), ({"lr": 0}, "lr"), ({"lr": "1e-4"}, "lr"),
     ({"weight_decay": -1}, "weight_decay"), ({"warmup_steps": -1}, "warmup_steps"), ({"schedule": "linear"}, "schedule"),
     ({"log_every": 0}, "log_every"), ({"checkpoint_every": 0}, "checkpoint_every"), ({"amp": "yes"}, "amp"),
-    ({"grad_clip": -1.0}, "grad_clip"), ({"lr_mult": {"backbone": -0.1}}, "lr_mult.backbone"),
+    ({"grad_clip": -1.0}, "grad_clip"), ({"grad_clip_type": "norm"}, "grad_clip_type"),
+    ({"optimizer": "adam"}, "optimizer"), ({"lr_mult": {"backbone": -0.1}}, "lr_mult.backbone"),
     ({"lr_mult": [0.1]}, "lr_mult"), ({"seed": -1}, "seed"), ({"num_workers": -2}, "num_workers")])
 def test_train_settings_are_checked_by_name(values, key):
     with pytest.raises(InputError, match=rf"^{key}: "):
@@ -101,6 +116,18 @@ def test_train_settings_are_checked_by_name(values, key):
     with pytest.raises(InputError, match="stesp: unknown key.*did you mean `steps`"):
         TrainConfig.from_dict({"stesp": 3})
     assert TrainConfig(steps=1, batch_size=6, accumulate=3, lr=1, grad_clip=None, schedule="poly").steps == 1
+
+
+@pytest.mark.parametrize("kind", ["total", "per-parameter"])
+def test_gradient_clipping_total_or_per_parameter(kind):
+    big, small, unused = (torch.nn.Parameter(torch.zeros(4)) for _ in range(3))
+    big.grad, small.grad = torch.full((4,), 3.0), torch.full((4,), 0.5)  # norms 6 and 1; total sqrt(37)
+    clip_gradients([big, small, unused], 2.0, kind)
+    if kind == "total":  # one factor 2 / sqrt(37) for all
+        assert torch.allclose(big.grad, torch.full((4,), 6 / 37 ** 0.5)) and torch.allclose(small.grad, torch.full((4,), 1 / 37 ** 0.5))
+    else:  # each on its own: big to norm 2, small (norm 1) untouched
+        assert torch.allclose(big.grad, torch.full((4,), 1.0)) and torch.equal(small.grad, torch.full((4,), 0.5))
+    assert unused.grad is None
 
 
 def test_a_checkpoint_of_another_method_or_model_is_refused(tmp_path):

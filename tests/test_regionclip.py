@@ -112,6 +112,16 @@ def test_soft_nms_matches_a_naive_loop_and_hard_mode_is_nms():
     assert torch.allclose(new_scores, torch.tensor([s for _, s in reference]), atol=1e-6)
     hard, _ = soft_nms(boxes, scores, iou_threshold=0.5, method="hard", min_score=0.0)
     assert hard.tolist() == nms(boxes, scores, 0.5).tolist()
+    # class-wise: all classes advance together, yet each class gets exactly its own naive loop
+    labels = torch.randint(0, 4, (30,))
+    labels[labels == 2] = 3  # a class with no box in between
+    kept, new_scores = soft_nms(boxes, scores, sigma=0.5, min_score=0.001, labels=labels)
+    expected = []
+    for label in labels.unique().tolist():
+        index = (labels == label).nonzero(as_tuple=True)[0]
+        expected += [(int(index[i]), s) for i, s in _naive_soft_nms(boxes[index], scores[index], 0.5, 0.001)]
+    assert kept.tolist() == [i for i, _ in expected]
+    assert torch.allclose(new_scores, torch.tensor([s for _, s in expected]), atol=1e-6)
 
 
 def test_select_detections_thresholds_suppresses_per_class_and_caps():
@@ -345,3 +355,34 @@ def test_converter_maps_a_detector_checkpoint(rn50, tmp_path):
     missing = {k: v for k, v in official.items() if k != "roi_heads.box_predictor.bbox_pred.bias"}
     with pytest.raises(CheckpointError):
         detector_state(missing, detector)
+
+
+# ------------------------------------------------------------------------------------------- training data
+def test_box_training_set_scales_flips_and_draws_the_shortest_edge(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from ovdense.data.detection import DetectionDataset
+    from ovdense.engine.regionclip_train import BoxTrainingSet
+    Image.new("RGB", (60, 40)).save(tmp_path / "a.png")  # width 60, height 40
+    categories = [{"id": 3, "name": "cat", "split": "base"}, {"id": 7, "name": "dog", "split": "novel"}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [6, 4, 12, 8], "area": 96, "iscrowd": 0},
+                   {"id": 2, "image_id": 1, "category_id": 7, "bbox": [30, 10, 10, 10], "area": 100, "iscrowd": 0}]
+    (tmp_path / "a.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 60, "height": 40}],
+                                                 "annotations": annotations, "categories": categories}))
+    dataset = DetectionDataset(tmp_path / "a.json")
+    data = BoxTrainingSet(dataset, ["cat"], [20, 80], 1000, [0, 0, 0], [1, 1, 1])
+    seen = set()
+    for epoch in range(12):
+        image, target = data.sample(0, epoch)
+        height, width = image.shape[1:]
+        scale = height / 40
+        assert height in (20, 80) and width == 60 * scale and target["size"].tolist() == [height, width]
+        assert target["labels"].tolist() == [0]  # the novel dog is left out
+        box = torch.tensor([6, 4, 18, 12]) * scale
+        flipped = torch.tensor([width - box[2], box[1], width - box[0], box[3]])
+        assert torch.allclose(target["boxes"][0], box) or torch.allclose(target["boxes"][0], flipped)
+        seen.add((height, torch.allclose(target["boxes"][0], box)))
+    assert len(seen) == 4  # both sizes, flipped and not
+    assert torch.equal(data.sample(0, 5)[0], data.sample(0, 5)[0])  # drawn from (seed, epoch, index)

@@ -397,8 +397,8 @@ def cmd_eval_detection(args) -> int:
             return 0
     print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
     if args.output:
-        report = {"annotations": str(args.annotations), "protocol": protocol, "fixed_ap": args.fixed_ap,
-                  "images": min(len(dataset), args.limit or len(dataset)), **described, "metrics": metrics}
+        report = {"annotations": str(args.annotations), "images": min(len(dataset), args.limit or len(dataset)),
+                  **described, "metrics_protocol": protocol, "fixed_ap": args.fixed_ap, "metrics": metrics}
         write_text_atomic(args.output, json.dumps(_finite(report), indent=2, allow_nan=False))
         print(f"wrote {args.output}")
     return 0

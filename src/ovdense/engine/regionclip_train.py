@@ -32,10 +32,11 @@ class BoxTrainingSet(torch.utils.data.Dataset):
 
     sample(index, epoch) -> (image (3, h, w) resized to `short` / `max_size` and normalised, {'boxes': (G, 4) in
     the resized pixels, 'labels': (G,) indices into `classes`, 'size': (h, w)}); a horizontal flip with
-    probability 1/2 drawn from (seed, epoch, index). Crowd boxes are left out; images without boxes stay.
+    probability 1/2 and, when `short` is a list, the shortest edge (detectron2's 'choice' sampling) drawn from
+    (seed, epoch, index). Crowd boxes are left out; images without boxes stay.
     """
 
-    def __init__(self, dataset: DetectionDataset, classes: list[str], short: int, max_size: int, mean, std,
+    def __init__(self, dataset: DetectionDataset, classes: list[str], short: int | list[int], max_size: int, mean, std,
                  flip: bool = True, seed: int = 0):
         names = dataset.vocabulary.names
         unknown = [c for c in classes if c not in names]
@@ -58,16 +59,22 @@ class BoxTrainingSet(torch.utils.data.Dataset):
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in annotations], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.index_of[a["category_id"]] for a in annotations], dtype=torch.long)
-        image = prepare_image(rgb, self.short, self.max_size, self.mean, self.std)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = prepare_image(rgb, _shortest_edge(self.short, rng), self.max_size, self.mean, self.std)
         scale_y, scale_x = image.shape[1] / height, image.shape[2] / width
         boxes = boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])
-        if self.flip and np.random.default_rng([self.seed, epoch, index]).random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             image = image.flip(-1)
             boxes = torch.stack([image.shape[2] - boxes[:, 2], boxes[:, 1], image.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
         return image, {"boxes": boxes, "labels": labels, "size": torch.tensor(image.shape[1:])}
 
     def __getitem__(self, index: int):
         return self.sample(index, 0)
+
+
+def _shortest_edge(short: int | list[int], rng: np.random.Generator) -> int:
+    """A training image's shortest edge: `short`, or one of the list drawn with `rng`."""
+    return short if isinstance(short, int) else int(rng.choice(short))
 
 
 def collate_boxes(items):
@@ -77,9 +84,10 @@ def collate_boxes(items):
 
 class CaptionedImages(torch.utils.data.Dataset):
     """Image-caption pairs (CSV / JSONL files, see `ovdense.data.captions`), one item per pair: sample(index,
-    epoch) -> (image (3, h, w) resized and normalised, caption), flipped with probability 1/2."""
+    epoch) -> (image (3, h, w) resized and normalised, caption), flipped with probability 1/2; `short` as in
+    BoxTrainingSet."""
 
-    def __init__(self, sources: list[str], short: int, max_size: int, mean, std, seed: int = 0):
+    def __init__(self, sources: list[str], short: int | list[int], max_size: int, mean, std, seed: int = 0):
         self.pairs = read_sources(sources)
         self.short, self.max_size, self.mean, self.std, self.seed = short, max_size, mean, std, seed
 
@@ -88,8 +96,9 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int):
         pair = self.pairs[index]
-        image = prepare_image(pair_pixels(pair), self.short, self.max_size, self.mean, self.std)
-        if np.random.default_rng([self.seed, epoch, index]).random() < 0.5:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = prepare_image(pair_pixels(pair), _shortest_edge(self.short, rng), self.max_size, self.mean, self.std)
+        if rng.random() < 0.5:
             image = image.flip(-1)
         return image, pair.caption
 
@@ -110,7 +119,9 @@ def _check_data(data, needs: str) -> dict:
                 raise InputError(f"captions: must be a list of caption files, got {sources!r}")
         if data.get("classes") is not None and not isinstance(data["classes"], (list, str)):
             raise InputError(f"classes: a list of category names or 'base', got {data['classes']!r}")
-        checks.integer("short", data.get("short", 800), minimum=16)
+        short = data.get("short", 800)
+        for size in short if isinstance(short, list) and short else [short]:
+            checks.integer("short", size, minimum=16)
         checks.integer("max_size", data.get("max_size", 1333), minimum=16)
         if data.get("synthesize") is not None:
             check_synthesize(data["synthesize"])

@@ -25,13 +25,18 @@ from ..io import atomic_path
 from . import checks
 
 SCHEDULES = ("cosine", "poly")
+GRAD_CLIP_TYPES = ("total", "per-parameter")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
 class TrainConfig:
     """steps: optimizer steps; batch_size: global samples per step (split over ranks and accumulation).
 
+    optimizer: 'adamw' or 'sgd' (momentum 0.9, detectron2's).
     schedule: 'cosine' (to 0) or 'poly' (power 0.9, mmseg's), both after a linear warm-up.
+    grad_clip_type: 'total' (one norm over all gradients, torch's clip_grad_norm_) or 'per-parameter' (each
+    parameter's gradient norm clipped on its own: detectron2's CLIP_TYPE 'norm', RegionCLIP's pretraining).
     lr_mult: parameter-name prefix -> learning-rate multiplier (e.g. {'backbone.visual': 0.1}).
     """
 
@@ -43,11 +48,13 @@ class TrainConfig:
     accumulate: int = 1
     amp: bool = False
     grad_clip: float | None = 1.0
+    grad_clip_type: str = "total"
     log_every: int = 10
     checkpoint_every: int = 100
     eval_every: int = 0
     seed: int = 0
     num_workers: int = 0
+    optimizer: str = "adamw"
     schedule: str = "cosine"
     lr_mult: dict = field(default_factory=dict)
 
@@ -66,6 +73,8 @@ class TrainConfig:
             raise InputError(f"batch_size: {self.batch_size} is not divisible by accumulate ({self.accumulate}); "
                              "each step takes batch_size / accumulate samples per micro-batch")
         checks.choice("schedule", self.schedule, SCHEDULES)
+        checks.choice("optimizer", self.optimizer, OPTIMIZERS)
+        checks.choice("grad_clip_type", self.grad_clip_type, GRAD_CLIP_TYPES)
         for prefix, mult in checks.mapping("lr_mult", self.lr_mult).items():
             checks.text("lr_mult (a parameter-name prefix)", prefix)
             checks.number(f"lr_mult.{prefix}", mult, minimum=0)
@@ -76,6 +85,16 @@ class TrainConfig:
         values = checks.mapping("train", values if values is not None else {})
         checks.known_keys(values, [f.name for f in fields(cls)], "a train section (TrainConfig)")
         return cls(**values)
+
+
+def clip_gradients(parameters, max_norm: float, kind: str = "total") -> None:
+    """Clip gradients in place to `max_norm`: their total norm ('total') or each parameter's own ('per-parameter')."""
+    parameters = [p for p in parameters if p.grad is not None]
+    if kind == "total":
+        nn.utils.clip_grad_norm_(parameters, max_norm)
+    else:
+        for parameter in parameters:
+            nn.utils.clip_grad_norm_([parameter], max_norm)
 
 
 def batch_positions(step: int, micro: int, config: TrainConfig, size: int, rank: int = 0, world: int = 1
@@ -212,8 +231,9 @@ class Trainer:
             if p.requires_grad:
                 mult = next((m for prefix, m in config.lr_mult.items() if name.startswith(prefix)), 1.0)
                 groups.setdefault((mult, config.weight_decay if p.ndim >= 2 else 0.0), []).append(p)
-        self.optimizer = torch.optim.AdamW([{"params": ps, "lr_mult": mult, "weight_decay": decay}
-                                            for (mult, decay), ps in groups.items()], lr=config.lr)
+        param_groups = [{"params": ps, "lr_mult": mult, "weight_decay": decay} for (mult, decay), ps in groups.items()]
+        self.optimizer = (torch.optim.AdamW(param_groups, lr=config.lr) if config.optimizer == "adamw"
+                          else torch.optim.SGD(param_groups, lr=config.lr, momentum=0.9))
         cuda = str(device).startswith("cuda")
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
@@ -307,7 +327,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + float(value.detach()) / self.config.accumulate
         if self.config.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            clip_gradients(self.model.parameters(), self.config.grad_clip, self.config.grad_clip_type)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..backbones import load_clip
 from ..backbones.loading import PACKAGED_WEIGHTS
 from ..catalog import TRAINED_METHODS
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from .base import DenseMethod, read_trained
 from .maskclip import MaskCLIP, refine_output
 from .denseclip import DenseCLIP
@@ -68,7 +68,12 @@ def load_detector(name: str = "regionclip", checkpoint: str | None = None, weigh
             shipped = ", ".join(w for m, w in PACKAGED_DETECTORS if m == name)
             raise UsageError(f"{name} needs a trained detector: --checkpoint FILE (from `ovdense train {name}`) or "
                              f"--weights {shipped} for the one shipped with ovdense")
-        return DETECTORS[name].from_checkpoint(packaged[0], device=device), packaged[2]
+        path, command, preset = packaged
+        if not path.is_file():
+            raise CheckpointError(f"this ovdense does not ship the {name} detector for --weights {weights} ({path.name}); "
+                                  f"make it with `{command}` (after its RPN and pretraining recipes) and pass "
+                                  "--checkpoint RUN/regionclip.safetensors")
+        return DETECTORS[name].from_checkpoint(path, device=device), preset
     metadata = read_trained(checkpoint, tensors=False)[0]
     return DETECTORS[name].from_checkpoint(checkpoint, device=device, weights=weights), metadata.get("preset")
 
