@@ -210,13 +210,8 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 def cmd_segment(args) -> int:
 
-    from .io import prepare_output_dir
     _check_model_options(args)
-    vocabulary = _vocabulary(args)
-    out_dir = prepare_output_dir(args.output)
-    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
-    for message in unmatched:
-        _error(message)
+    vocabulary, out_dir, paths, failed = _inputs(args)
     if not paths:
         return 1
     predictor = _build_predictor(args)
@@ -227,7 +222,19 @@ def cmd_segment(args) -> int:
         summary = _segment_one(predictor, path, vocabulary, out_dir, stem, note)
         found = ", ".join(f"{s['label']} {100 * s['area']:.1f}%" for s in summary["segments"])
         return f"{path}: {found} -> {out_dir / stem}_overlay.png"
-    return _each_image(paths, len(unmatched), out_dir, "segment", args.quiet, segment)
+    return _each_image(paths, failed, out_dir, "segment", args.quiet, segment)
+
+
+def _inputs(args) -> tuple:
+    """segment / detect: (vocabulary, output folder, the input images, how many inputs matched none); each input
+    that matched nothing is reported."""
+    from .io import prepare_output_dir
+    vocabulary = _vocabulary(args)
+    out_dir = prepare_output_dir(args.output)
+    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
+    for message in unmatched:
+        _error(message)
+    return vocabulary, out_dir, paths, len(unmatched)
 
 
 def _each_image(paths: list[Path], failed: int, out_dir: Path, desc: str, quiet: bool, work) -> int:
@@ -291,15 +298,9 @@ def _build_detection_predictor(args, score_threshold: float | None = None):
 
 
 def cmd_detect(args) -> int:
-
-    from .io import prepare_output_dir
     if not 0 <= args.threshold < 1:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
-    vocabulary = _vocabulary(args)
-    out_dir = prepare_output_dir(args.output)
-    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
-    for message in unmatched:
-        _error(message)
+    vocabulary, out_dir, paths, failed = _inputs(args)
     if not paths:
         return 1
     predictor, described = _build_detection_predictor(args, score_threshold=args.threshold)
@@ -310,7 +311,7 @@ def cmd_detect(args) -> int:
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
         return f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png"
-    return _each_image(paths, len(unmatched), out_dir, "detect", args.quiet, detect)
+    return _each_image(paths, failed, out_dir, "detect", args.quiet, detect)
 
 
 def cmd_demo(args) -> int:
