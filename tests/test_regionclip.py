@@ -187,18 +187,25 @@ def _targets():
     return [{"boxes": torch.tensor([[8, 8, 40, 40.]]), "labels": torch.tensor([1]), "size": torch.tensor([64, 64])}]
 
 
-def test_detector_learns_on_a_fixed_batch_and_embeds_images(tiny_vit):
-    detector = _detector(tiny_vit).train()
-    images = torch.randn(1, 3, 64, 64)
-    optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=1e-3)
+def _fit(model, loss, steps: int) -> list[float]:
+    """AdamW (lr 1e-3) on the trainable parameters of `model` for `steps` steps of loss()['loss'], re-seeded before
+    each (the same sampled proposals and regions every step); the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
-    for _ in range(12):
-        torch.manual_seed(0)  # the same sampled proposals each step
-        values = detector.losses(images, _targets())
+    for _ in range(steps):
+        torch.manual_seed(0)
+        values = loss()
         optimizer.zero_grad()
         values["loss"].backward()
         optimizer.step()
         losses.append(values["loss"].item())
+    return losses
+
+
+def test_detector_learns_on_a_fixed_batch_and_embeds_images(tiny_vit):
+    detector = _detector(tiny_vit).train()
+    images = torch.randn(1, 3, 64, 64)
+    losses = _fit(detector, lambda: detector.losses(images, _targets()), steps=12)
     assert losses[-1] < 0.7 * losses[0]
     assert not any(p.requires_grad for p in detector.proposals.parameters())
     embedded = detector.eval().embed_image(images, [(64, 64)])[0]
@@ -236,15 +243,7 @@ def test_short_pretraining_run_lowers_its_loss(tiny_vit):
     model = RegionCLIPPretrainer(tiny_vit, ["circle", "square", "sky"], proposer, regions=8, templates="none")
     images = torch.randn(4, 3, 64, 64)
     tokens = tiny_vit.tokenize(["a red circle", "a blue square", "the sky", "a circle in the sky"])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(15):
-        torch.manual_seed(0)
-        values = model.train().losses(images, tokens, [(64, 64)] * 4)
-        optimizer.zero_grad()
-        values["loss"].backward()
-        optimizer.step()
-        losses.append(values["loss"].item())
+    losses = _fit(model.train(), lambda: model.losses(images, tokens, [(64, 64)] * 4), steps=15)
     assert losses[-1] < 0.5 * losses[0]
     assert not any(p.requires_grad for p in model.teacher.parameters())
     state = model.student_clip_state()
