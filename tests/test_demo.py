@@ -2,12 +2,15 @@
 import json
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 from ovdense.cli import main
 from ovdense.data.export import scene_index
 from ovdense.data.synthetic import SyntheticWorld
-from ovdense.demo import SHIPPED_METHODS, check_scene, shipped_method, world_labels
+from ovdense.demo import SHIPPED_METHODS, check_detections, check_scene, shipped_method, world_labels
+from ovdense.detection.structures import DetectionResult
 
 
 def test_check_scene_counts_pixels_and_things_exactly():
@@ -57,3 +60,37 @@ def test_demo_reports_what_its_files_show(tmp_path, capsys):
     assert f"method: {SHIPPED_METHODS[0].title}, the best that ships" in out
     assert out.count(scene.captions[0].text) == 1  # captions printed once
     assert check["pixel_accuracy"] > 70
+    # the shipped detector on the same scene: the printed verdicts are those of the written boxes
+    detection = json.loads((tmp_path / "demo_scene_detection.json").read_text())
+    shown = detection["detections"]
+    boxes = torch.tensor([[d["box"][k] / 4 for k in ("xmin", "ymin", "xmax", "ymax")] for d in shown]).reshape(-1, 4)
+    names = detection["classes"]
+    result = DetectionResult(boxes, torch.tensor([d["score"] for d in shown]),
+                             torch.tensor([names.index(d["label"]) for d in shown]), names, (96, 96))
+    rechecked = check_detections(result, scene)
+    assert [t["detection"] and (t["detection"]["label"], t["detection"]["correct"]) for t in rechecked["things"]] == \
+        [t["detection"] and (t["detection"]["label"], t["detection"]["correct"]) for t in detection["check"]["things"]]
+    right = sum(bool(t["detection"] and t["detection"]["correct"]) for t in rechecked["things"])
+    assert f"things found and named right {right} of {len(scene.objects)}" in out
+    assert (tmp_path / "demo_scene_detection_boxes.png").is_file()
+
+
+def test_check_detections_matches_exact_boxes():
+    """Each thing takes the best box scoring >= 0.5 with IoU >= 0.5 against its exact box; low scores and boxes on
+    nothing are not matches."""
+    world = SyntheticWorld()
+    scene = world.scene(scene_index("val", 3))
+    names = list(world.things)
+    truth = torch.tensor([o.box for o in scene.objects], dtype=torch.float32)
+    labels = torch.tensor([names.index(o.category) for o in scene.objects])
+    wrong = (labels[0] + 1) % len(names)
+    boxes = torch.cat([truth, truth[:1], truth[:1] + 0.5, torch.tensor([[0.0, 0.0, 3.0, 3.0]])])
+    scores = torch.cat([torch.full((len(truth),), 0.8), torch.tensor([0.9, 0.2, 0.6])])
+    result = DetectionResult(boxes, scores, torch.cat([labels, wrong[None], labels[:1], labels[:1]]), names, (96, 96))
+    check = check_detections(result, scene)
+    first = check["things"][0]["detection"]
+    assert first["label"] == names[wrong] and not first["correct"] and first["score"] == pytest.approx(0.9) and first["iou"] == 1
+    assert all(t["detection"]["correct"] and t["detection"]["iou"] == 1 for t in check["things"][1:])
+    assert check["unmatched_detections"] == 1  # the 3x3 box; the 0.2 one is under 0.5
+    assert check_detections(DetectionResult(boxes[:0], scores[:0], labels[:0], names, (96, 96)), scene)[
+        "things"][0]["detection"] is None

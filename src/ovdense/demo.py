@@ -8,8 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import torch
+from torchvision.ops import box_iou
+
 from .data.export import scene_index
 from .data.synthetic import Scene, SyntheticWorld
+from .detection.structures import DetectionResult
 from .io import atomic_path
 from .predictor import SegmentationResult
 from .visualize import overlay
@@ -107,4 +111,40 @@ def run_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: 
     shown = SegmentationResult(result.labels.repeat(zoom, axis=0).repeat(zoom, axis=1), result.scores,
                                result.class_names, picture)
     shown.save(out_dir, "demo_scene", metadata={**(metadata or {}), "scene": index, "check": check})
+    return check
+
+
+def check_detections(result: DetectionResult, scene: Scene, min_score: float = 0.5) -> dict:
+    """Each thing's best detection against its exact box: the highest-scoring box scoring at least `min_score` whose
+    IoU with the thing's tight box is at least 0.5 (its label, score, IoU, whether the label is the thing's
+    category; None when there is none), and the count of boxes scoring at least `min_score` that match no thing."""
+    kept = result.scores >= min_score
+    boxes, scores, labels = result.boxes[kept], result.scores[kept], result.labels[kept]
+    truth = torch.tensor([obj.box for obj in scene.objects], dtype=torch.float32).reshape(-1, 4)
+    iou = box_iou(truth, boxes)  # (things, detections)
+    things = []
+    for obj, overlaps in zip(scene.objects, iou):
+        hits = (overlaps >= 0.5).nonzero()[:, 0]  # detections are sorted best first
+        best = None
+        if len(hits):
+            k = int(hits[0])
+            label = result.class_names[int(labels[k])]
+            best = {"label": label, "score": float(scores[k]), "iou": float(overlaps[k]), "correct": label == obj.category}
+        things.append({"name": obj.name, "category": obj.category, "box": obj.box, "detection": best})
+    unmatched = int((iou < 0.5).all(dim=0).sum()) if len(truth) else len(boxes)
+    return {"min_score": min_score, "things": things, "unmatched_detections": unmatched}
+
+
+def run_detection_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: Path, zoom: int = 4,
+                       metadata: dict | None = None) -> dict:
+    """Detect `vocabulary` in val scene `index`; write demo_scene_detection_boxes.png (`zoom` x larger) and
+    demo_scene_detection.json (every box, and the check of `check_detections`); returns the check."""
+    scene = world.scene(scene_index("val", index))
+    result = predictor(scene.image, vocabulary)
+    check = check_detections(result, scene)
+    picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    shown = result.scores >= check["min_score"]
+    DetectionResult(result.boxes[shown] * zoom, result.scores[shown], result.labels[shown], result.class_names,
+                    picture.shape[:2], picture).save(out_dir, "demo_scene_detection",
+                                                     metadata={**(metadata or {}), "scene": index, "check": check})
     return check

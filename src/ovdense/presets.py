@@ -194,8 +194,8 @@ DETECTION_PRESETS: dict[str, DetectionProtocol] = {
     "ov-coco": DetectionProtocol("ov-coco"),
     # RegionCLIP on LVIS: score 0.02, 300 per image, objectness multiplied in (with the intended sigmoid).
     "lvis": DetectionProtocol("lvis", score_threshold=0.02, max_detections=300, multiply_objectness=True),
-    # The synthetic world at its 96 px training scale, otherwise as OV-COCO.
-    "synthetic-detection": DetectionProtocol("synthetic-detection", short=96, max_size=96),
+    # The synthetic world at twice its 96 px scale (the tiny ResNet's res4 map is then 12x12), otherwise as OV-COCO.
+    "synthetic-detection": DetectionProtocol("synthetic-detection", short=192, max_size=192),
 }
 
 

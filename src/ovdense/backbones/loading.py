@@ -36,6 +36,11 @@ PACKAGED_WEIGHTS = {
         "ovdense train clip --config configs/tiny_clip_vit_synthetic.yaml", "synthetic",
         "a 4-layer ViT CLIP trained from scratch on the synthetic world's captions; offline, knows only that "
         "world's words"),
+    ("ovdense-tiny-rn", "synthetic"): PackagedWeights(
+        _PACKAGE / "weights" / "ovdense-tiny-rn-synthetic.safetensors",
+        "ovdense train clip --config configs/tiny_clip_rn_synthetic.yaml", "synthetic",
+        "a 4-stage ResNet CLIP (attention pool) trained from scratch on the synthetic world's captions; offline, "
+        "the trunk of the synthetic RegionCLIP detector"),
 }
 _HOW_TO_GET_WEIGHTS = (
     "To use real CLIP weights either (a) run once on a machine with internet access so that open_clip "

@@ -22,7 +22,7 @@ DETECTORS = {"regionclip": RegionCLIPDetector}
 _WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 # Detectors shipped in the package, by (method, weights name): file, the command that made it, its preset.
 PACKAGED_DETECTORS = {
-    ("regionclip", "synthetic"): (_WEIGHTS / "regionclip-tiny-vit-synthetic.safetensors",
+    ("regionclip", "synthetic"): (_WEIGHTS / "regionclip-tiny-rn-synthetic.safetensors",
                                   "ovdense train regionclip --config configs/regionclip_tiny_synthetic.yaml",
                                   "synthetic-detection"),
 }
