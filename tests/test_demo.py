@@ -76,7 +76,7 @@ def test_demo_reports_what_its_files_show(tmp_path, capsys):
 
 
 def test_check_detections_matches_exact_boxes():
-    """Each thing takes the best box scoring >= 0.5 with IoU >= 0.5 against its exact box; low scores and boxes on
+    """Each thing takes the best box scoring above 0.5 with IoU >= 0.5 against its exact box; low scores and boxes on
     nothing are not matches."""
     world = SyntheticWorld()
     scene = world.scene(scene_index("val", 3))

@@ -306,7 +306,7 @@ def cmd_detect(args) -> int:
     predictor, described = _build_detection_predictor(args, score_threshold=args.threshold)
 
     def detect(path: Path, stem: str) -> str:
-        result = predictor(path, vocabulary)
+        result = predictor(path, vocabulary).above(args.threshold)  # soft-NMS may decay scores under it
         result.save(out_dir, stem, metadata={"image": str(path), **described})
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
@@ -373,7 +373,7 @@ def _demo_detection(args, world, out_dir: Path) -> None:
     vocabulary = _vocabulary(args) if args.classes else Vocabulary.coerce(list(world.things))
     check = demo.run_detection_demo(predictor, world, args.scene, vocabulary, out_dir, args.zoom, described)
     print(f"\ndetection: regionclip (shipped checkpoint, model {predictor.detector.clip.name}), classes "
-          f"{', '.join(vocabulary.names)}; each thing, and its best box scoring >= {check['min_score']} "
+          f"{', '.join(vocabulary.names)}; each thing, and its best box scoring above {check['min_score']} "
           "with IoU >= 0.5 against its exact box:")
     for thing in check["things"]:
         found = thing["detection"]

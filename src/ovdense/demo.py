@@ -115,11 +115,11 @@ def run_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: 
 
 
 def check_detections(result: DetectionResult, scene: Scene, min_score: float = 0.5) -> dict:
-    """Each thing's best detection against its exact box: the highest-scoring box scoring at least `min_score` whose
+    """Each thing's best detection against its exact box: the highest-scoring box scoring above `min_score` whose
     IoU with the thing's tight box is at least 0.5 (its label, score, IoU, whether the label is the thing's
-    category; None when there is none), and the count of boxes scoring at least `min_score` that match no thing."""
-    kept = result.scores >= min_score
-    boxes, scores, labels = result.boxes[kept], result.scores[kept], result.labels[kept]
+    category; None when there is none), and the count of boxes scoring above `min_score` that match no thing."""
+    kept = result.above(min_score)
+    boxes, scores, labels = kept.boxes, kept.scores, kept.labels
     truth = torch.tensor([obj.box for obj in scene.objects], dtype=torch.float32).reshape(-1, 4)
     iou = box_iou(truth, boxes)  # (things, detections)
     things = []
@@ -143,8 +143,8 @@ def run_detection_demo(predictor, world: SyntheticWorld, index: int, vocabulary,
     result = predictor(scene.image, vocabulary)
     check = check_detections(result, scene)
     picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    shown = result.scores >= check["min_score"]
-    DetectionResult(result.boxes[shown] * zoom, result.scores[shown], result.labels[shown], result.class_names,
-                    picture.shape[:2], picture).save(out_dir, "demo_scene_detection",
+    shown = result.above(check["min_score"])
+    DetectionResult(shown.boxes * zoom, shown.scores, shown.labels, result.class_names, picture.shape[:2],
+                    picture).save(out_dir, "demo_scene_detection",
                                                      metadata={**(metadata or {}), "scene": index, "check": check})
     return check

@@ -38,6 +38,12 @@ class DetectionResult:
         height, width = self.image_size
         return f"DetectionResult({width}x{height}, {len(self)} boxes, {len(self.class_names)} classes)"
 
+    def above(self, threshold: float) -> "DetectionResult":
+        """The detections scoring above `threshold` (soft-NMS decays scores below the threshold it was given)."""
+        keep = self.scores > threshold
+        return DetectionResult(self.boxes[keep], self.scores[keep], self.labels[keep], self.class_names,
+                               self.image_size, self.image)
+
     def to_list(self, decimals: int = 2) -> list[dict]:
         """Hugging Face zero-shot-object-detection style: [{'score', 'label', 'box': {'xmin', 'ymin', 'xmax',
         'ymax'}}], best first; coordinates rounded to `decimals`."""
