@@ -366,9 +366,9 @@ def _demo_detection(args, world, out_dir: Path) -> None:
     from .text import Vocabulary
     if not PACKAGED_DETECTORS[("regionclip", "synthetic")][0].is_file():
         return
+    # a picture for people: hard class-wise NMS instead of the evaluation's soft-NMS
     detection_args = argparse.Namespace(**{**vars(args), "method": "regionclip", "checkpoint": None,
-                                           "weights": "synthetic", "preset": None})
-    detection_args.nms = "class"  # a picture for people: hard class-wise NMS instead of the evaluation's soft-NMS
+                                           "weights": "synthetic", "preset": None, "nms": "class"})
     predictor, described = _build_detection_predictor(detection_args)
     vocabulary = _vocabulary(args) if args.classes else Vocabulary.coerce(list(world.things))
     check = demo.run_detection_demo(predictor, world, args.scene, vocabulary, out_dir, args.zoom, described)

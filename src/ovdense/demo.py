@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 import torch
+from PIL import Image
 from torchvision.ops import box_iou
 
 from .data.export import scene_index
@@ -114,7 +113,10 @@ def run_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: 
     return check
 
 
-def check_detections(result: DetectionResult, scene: Scene, min_score: float = 0.5) -> dict:
+DEMO_MIN_SCORE = 0.5  # the boxes the demo draws and checks
+
+
+def check_detections(result: DetectionResult, scene: Scene, min_score: float = DEMO_MIN_SCORE) -> dict:
     """Each thing's best detection against its exact box: the highest-scoring box scoring above `min_score` whose
     IoU with the thing's tight box is at least 0.5 (its label, score, IoU, whether the label is the thing's
     category; None when there is none), and the count of boxes scoring above `min_score` that match no thing."""
@@ -138,13 +140,13 @@ def check_detections(result: DetectionResult, scene: Scene, min_score: float = 0
 def run_detection_demo(predictor, world: SyntheticWorld, index: int, vocabulary, out_dir: Path, zoom: int = 4,
                        metadata: dict | None = None) -> dict:
     """Detect `vocabulary` in val scene `index`; write demo_scene_detection_boxes.png (`zoom` x larger) and
-    demo_scene_detection.json (every box, and the check of `check_detections`); returns the check."""
+    demo_scene_detection.json (the boxes scoring above DEMO_MIN_SCORE, and the check of `check_detections`);
+    returns the check."""
     scene = world.scene(scene_index("val", index))
-    result = predictor(scene.image, vocabulary)
-    check = check_detections(result, scene)
+    shown = predictor(scene.image, vocabulary).above(DEMO_MIN_SCORE)
+    check = check_detections(shown, scene)
     picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    shown = result.above(check["min_score"])
-    DetectionResult(shown.boxes * zoom, shown.scores, shown.labels, result.class_names, picture.shape[:2],
-                    picture).save(out_dir, "demo_scene_detection",
-                                                     metadata={**(metadata or {}), "scene": index, "check": check})
+    zoomed = DetectionResult(shown.boxes * zoom, shown.scores, shown.labels, shown.class_names, picture.shape[:2],
+                             picture)
+    zoomed.save(out_dir, "demo_scene_detection", metadata={**(metadata or {}), "scene": index, "check": check})
     return check
