@@ -7,9 +7,10 @@ DENSE_MODES = ("plain", "maskclip", "sclip", "clearclip", "naclip")  # ViT; ResN
 RESNET_DENSE_MODES = ("plain", "maskclip")
 METHODS = ("maskclip", "tcl", "denseclip")
 TRAINED_METHODS = ("tcl", "denseclip")
-DETECTION_METHODS = ("regionclip",)
-DETECTION_PRESETS = ("ov-coco", "lvis", "synthetic-detection")
-NMS_KINDS = ("class", "soft", "none")  # class-wise NMS, class-wise Gaussian soft-NMS, none
+DETECTION_METHODS = ("regionclip", "glip")
+DETECTION_PRESETS = ("ov-coco", "lvis", "synthetic-detection", "glip", "glip-lvis", "glip-synthetic")
+NMS_KINDS = ("class", "soft", "none")
+CHUNKERS = ("auto", "nltk", "rules")  # noun-phrase chunkers for `ovdense ground`  # class-wise NMS, class-wise Gaussian soft-NMS, none
 DETECTION_PROTOCOLS = ("coco", "ov-coco", "lvis")  # the metrics `ovdense eval` computes
 DATASETS = ("voc21", "voc20", "context60", "context59", "coco_stuff171", "coco_object", "ade150", "cityscapes",
             "folder")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .catalog import (DATASETS, DENSE_MODES, DETECTION_METHODS, DETECTION_PRESETS, DETECTION_PROTOCOLS, METHODS, NMS_KINDS,
+from .catalog import (CHUNKERS, DATASETS, DENSE_MODES, DETECTION_METHODS, DETECTION_PRESETS, DETECTION_PROTOCOLS, METHODS, NMS_KINDS,
                       TEMPLATE_SETS, TRAINED_METHODS)
 from .errors import InputError, UsageError
 from .presets import PRESETS
@@ -259,17 +259,18 @@ def _each_image(paths: list[Path], failed: int, out_dir: Path, desc: str, quiet:
     return 1 if failures else 0
 
 
-def _add_detector_args(parser: argparse.ArgumentParser) -> None:
+def _add_detector_args(parser: argparse.ArgumentParser, methods=DETECTION_METHODS) -> None:
     group = parser.add_argument_group("detector")
-    group.add_argument("--method", choices=DETECTION_METHODS, default="regionclip", help="the detection method")
-    group.add_argument("--checkpoint", help="a trained detector (from `ovdense train regionclip`)")
+    group.add_argument("--method", choices=methods, default=methods[0], help="the detection method")
+    group.add_argument("--checkpoint", help="a trained detector (from `ovdense train regionclip|glip`)")
     group.add_argument("--weights", help="'synthetic': the detector shipped with ovdense; with --checkpoint: other "
                                          "CLIP weights for its text tower")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     group.add_argument("--no-cache", action="store_true", help="do not use the on-disk text-embedding cache")
     proto = parser.add_argument_group("protocol (each overrides the preset)")
     proto.add_argument("--preset", choices=DETECTION_PRESETS, help="published test settings (default: the one "
-                                                                   "the detector recommends, else ov-coco)")
+                                                                   "the detector recommends, else ov-coco for "
+                                                                   "regionclip, glip for glip)")
     proto.add_argument("--nms", choices=NMS_KINDS, help="class-wise NMS, class-wise Gaussian soft-NMS, or none")
     proto.add_argument("--iou", type=float, dest="iou_threshold", help="the NMS IoU threshold")
     proto.add_argument("--top-k", type=int, dest="max_detections", help="most detections kept per image")
@@ -277,9 +278,9 @@ def _add_detector_args(parser: argparse.ArgumentParser) -> None:
 
 def _build_detection_predictor(args, score_threshold: float | None = None):
     """The detection predictor the options describe; returns (predictor, a dict describing it)."""
-    from .detection.predictor import DetectionPredictor
+    from .detection.predictor import DetectionPredictor, GroundingPredictor
     from .device import check_device_name, resolve_device
-    from .methods import load_detector
+    from .methods import DEFAULT_DETECTION_PRESETS, load_detector
     from .presets import get_detection_protocol
     from .text.cache import disable_disk_cache
     check_device_name(args.device)
@@ -288,13 +289,14 @@ def _build_detection_predictor(args, score_threshold: float | None = None):
     if args.no_cache:
         disable_disk_cache()
     detector, recommended = load_detector(args.method, args.checkpoint, args.weights, str(resolve_device(args.device)))
-    protocol = get_detection_protocol(args.preset or recommended or "ov-coco").updated(
+    protocol = get_detection_protocol(args.preset or recommended or DEFAULT_DETECTION_PRESETS[args.method]).updated(
         nms=getattr(args, "nms", None), iou_threshold=getattr(args, "iou_threshold", None),
         max_detections=getattr(args, "max_detections", None), score_threshold=score_threshold)
     from dataclasses import asdict
     described = {"method": args.method, "model": detector.clip.name, "weights": detector.clip.weights,
                  "checkpoint": args.checkpoint, "protocol": asdict(protocol)}
-    return DetectionPredictor(detector, protocol), described
+    grounding = args.method == "glip"
+    return (GroundingPredictor if grounding else DetectionPredictor)(detector, protocol), described
 
 
 def cmd_detect(args) -> int:
@@ -303,7 +305,10 @@ def cmd_detect(args) -> int:
     vocabulary, out_dir, paths, failed = _inputs(args)
     if not paths:
         return 1
-    predictor, described = _build_detection_predictor(args, score_threshold=args.threshold)
+    # RegionCLIP's score threshold is the --threshold itself; GLIP keeps its pre-NMS one (on a phrase's score before
+    # centerness) and --threshold filters the final scores
+    predictor, described = _build_detection_predictor(
+        args, score_threshold=args.threshold if args.method == "regionclip" else None)
 
     def detect(path: Path, stem: str) -> str:
         result = predictor(path, vocabulary).above(args.threshold)  # soft-NMS may decay scores under it
@@ -312,6 +317,38 @@ def cmd_detect(args) -> int:
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
         return f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png"
     return _each_image(paths, failed, out_dir, "detect", args.quiet, detect)
+
+
+def cmd_ground(args) -> int:
+    """Boxes for the phrases of a caption in each image: <stem>_boxes.png and <stem>.json (per phrase its character
+    spans and its boxes)."""
+    from .io import prepare_output_dir
+    if not 0 <= args.threshold < 1:
+        raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
+    if not args.caption.strip():
+        raise UsageError("--caption is empty: give the sentence whose phrases to ground")
+    phrases = None
+    if args.phrases is not None:
+        phrases = [p.strip() for p in args.phrases.split(";") if p.strip()]
+        if not phrases:
+            raise UsageError("--phrases is empty: give phrases of the caption separated by ';', or leave it out")
+    out_dir = prepare_output_dir(args.output)
+    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
+    for message in unmatched:
+        _error(message)
+    if not paths:
+        return 1
+    predictor, described = _build_detection_predictor(args)  # GLIP's own pre-NMS threshold; --threshold after
+
+    def ground(path: Path, stem: str) -> str:
+        predictor.set_image(path)
+        result = predictor.ground(args.caption, phrases, args.chunker).above(args.threshold)
+        result.save(out_dir, stem, metadata={"image": str(path), **described})
+        found = "; ".join(f"{p['phrase']}: {len(p['boxes'])} box{'es' if len(p['boxes']) != 1 else ''}"
+                          + (f" (best {p['boxes'][0]['score']:.2f})" if p["boxes"] else "")
+                          for p in result.summary()["phrases"])
+        return f"{path}: {found} -> {out_dir / stem}_boxes.png"
+    return _each_image(paths, len(unmatched), out_dir, "ground", args.quiet, ground)
 
 
 def cmd_demo(args) -> int:
@@ -512,6 +549,9 @@ def cmd_train(args) -> int:
     elif args.what in ("rpn", "regionclip-pretrain", "regionclip"):
         from .engine.regionclip_train import RECIPES
         recipe_class, train = RECIPES[args.what]
+    elif args.what == "glip":
+        from .engine.glip_train import GLIPRecipe, train_glip
+        recipe_class, train = GLIPRecipe, train_glip
     else:
         from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
         from .engine.tcl_train import TCLRecipe, train_tcl
@@ -539,8 +579,8 @@ def cmd_train(args) -> int:
         return 0
     if args.what in ("clip", "rpn", "regionclip-pretrain"):
         print(f"wrote {export}")
-    elif args.what == "regionclip":
-        print(f"wrote {export}; detect with: ovdense detect IMAGE --method regionclip --checkpoint {export} "
+    elif args.what in ("regionclip", "glip"):
+        print(f"wrote {export}; detect with: ovdense detect IMAGE --method {args.what} --checkpoint {export} "
               "--classes '...'")
     else:
         print(f"wrote {export}; segment with: ovdense segment IMAGE --method {args.what} --checkpoint {export} "
@@ -616,6 +656,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(det)
     det.set_defaults(func=cmd_detect)
 
+    gr = sub.add_parser("ground", formatter_class=_Formatter,
+                        help="find the things a caption's phrases name (GLIP phrase grounding)")
+    gr.add_argument("images", nargs="+", help="image files, folders (their images) or globs")
+    gr.add_argument("--caption", required=True, help="a sentence, e.g. 'a red star left of a small blue circle'")
+    gr.add_argument("--phrases", help="the caption's phrases to ground, separated by ';' (default: its noun "
+                                      "phrases, by --chunker)")
+    gr.add_argument("--chunker", choices=CHUNKERS, default="auto",
+                    help="noun phrases by NLTK's tagger and GLIP's grammar (nltk, needs its data), ovdense's rules "
+                         "(rules), or nltk when usable else rules (auto)")
+    gr.add_argument("--threshold", type=float, default=0.3, help="keep boxes scoring above this")
+    gr.add_argument("--output", default="outputs/ground", help="folder for <stem>_boxes.png and <stem>.json")
+    _add_detector_args(gr, methods=("glip",))
+    gr.set_defaults(func=cmd_ground)
+
     ev = sub.add_parser("eval", formatter_class=_Formatter,
                         help="mIoU of a segmenter on a standard dataset, or AP of a detector on COCO / LVIS JSON")
     ev.add_argument("--dataset", choices=DATASETS, help="segmentation: the dataset")
@@ -642,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser("train", formatter_class=_Formatter, help="train a model from a YAML recipe")
-    kinds = ["clip", "tcl", "denseclip", "rpn", "regionclip-pretrain", "regionclip"]
+    kinds = ["clip", "tcl", "denseclip", "rpn", "regionclip-pretrain", "regionclip", "glip"]
     train.add_argument("what", metavar="{" + ",".join(kinds) + "}", choices=kinds,
                        help="clip: a tiny CLIP from scratch on synthetic captions; tcl: TCL from image-caption pairs; "
                             "denseclip: DenseCLIP (or its baseline) fine-tuned on a segmentation dataset; rpn: a "

@@ -162,6 +162,8 @@ class DetectionProtocol:
     nms: 'class' (class-wise NMS), 'soft' (class-wise Gaussian soft-NMS, sigma `soft_nms_sigma`, pruned at 0.001)
         or 'none'; iou_threshold: NMS_THRESH_TEST. max_detections: DETECTIONS_PER_IMAGE.
     multiply_objectness: class probability -> sqrt(p x RPN objectness probability) (RegionCLIP's LVIS setting).
+    chunk_size: classes per prompt for grounding detectors (GLIP's CHUNKED_EVALUATION: 40 on LVIS); a prompt
+        also ends where the text encoder's token limit would be passed.
     """
 
     name: str
@@ -173,13 +175,15 @@ class DetectionProtocol:
     soft_nms_sigma: float = 0.5
     max_detections: int = 100
     multiply_objectness: bool = False
+    chunk_size: int = 40
 
     def __post_init__(self):
         checks = {"short": isinstance(self.short, int) and self.short > 0,
                   "max_size": isinstance(self.max_size, int) and self.max_size >= self.short,
                   "score_threshold": 0 <= self.score_threshold < 1, "nms": self.nms in NMS_KINDS,
                   "iou_threshold": 0 < self.iou_threshold <= 1, "soft_nms_sigma": self.soft_nms_sigma > 0,
-                  "max_detections": isinstance(self.max_detections, int) and self.max_detections > 0}
+                  "max_detections": isinstance(self.max_detections, int) and self.max_detections > 0,
+                  "chunk_size": isinstance(self.chunk_size, int) and self.chunk_size > 0}
         for key, ok in checks.items():
             if not ok:
                 raise UsageError(f"{key} (--{key.replace('_', '-')}) has an invalid value {getattr(self, key)!r}")
@@ -196,6 +200,15 @@ DETECTION_PRESETS: dict[str, DetectionProtocol] = {
     "lvis": DetectionProtocol("lvis", score_threshold=0.02, max_detections=300, multiply_objectness=True),
     # The synthetic world at twice its 96 px scale (the tiny ResNet's res4 map is then 12x12), otherwise as OV-COCO.
     "synthetic-detection": DetectionProtocol("synthetic-detection", short=192, max_size=192),
+    # GLIP (ATSSPostProcessor): a phrase's mean token probability above 0.05, class-wise NMS 0.6, 100 per image;
+    # COCO's 80 names in one prompt.
+    "glip": DetectionProtocol("glip", score_threshold=0.05, nms="class", iou_threshold=0.6, chunk_size=80),
+    # GLIP on LVIS minival: 40 names per prompt, 300 detections per prompt and image.
+    "glip-lvis": DetectionProtocol("glip-lvis", score_threshold=0.05, nms="class", iou_threshold=0.6,
+                                   max_detections=300, chunk_size=40),
+    # GLIP on the synthetic world at 192 px.
+    "glip-synthetic": DetectionProtocol("glip-synthetic", short=192, max_size=192, score_threshold=0.05,
+                                        nms="class", iou_threshold=0.6),
 }
 
 

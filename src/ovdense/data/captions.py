@@ -41,28 +41,38 @@ about above across after against along among and around as at before behind belo
 beyond but by down during for from in inside into is are was were be been being has have had near next of off on
 onto or out outside over past through to toward towards under underneath up upon with within without while that
 which who whose where when there their its his her it they them he she we you i this these those holding sitting
-standing walking running playing looking lying riding wearing eating using showing taking made
+standing walking running playing looking lying riding wearing eating using showing taking made left right
 """.split())
 _DETERMINERS = set("a an the some two three four five several many one each every another other".split())
 
 
-def noun_phrases(caption: str, max_words: int = 4) -> list[str]:
-    """Short noun phrases of a caption by a rule-based chunker: 'a red star on the grass' -> ['red star', 'grass'].
+def phrase_spans(caption: str, max_words: int | None = 4, determiners: bool = False) -> list[tuple[int, int]]:
+    """Character spans [start, end) of a caption's noun phrases by a rule-based chunker, in order.
 
-    Words are split at prepositions, conjunctions, common verbs and punctuation; determiners are
-    dropped; chunks longer than `max_words` keep their last words (the head noun comes last in English).
+    Words are split at prepositions, conjunctions, common verbs and punctuation; leading determiners and numbers
+    are left out unless `determiners` (GLIP's grammar keeps one: 'NP: {<DT>?<JJ.*>*<NN.*>+}'); chunks longer than
+    `max_words` keep their last words (the head noun comes last in English).
     """
-    phrases, chunk = [], []
-    for word in re.findall(r"[a-z][a-z'\-]*|[,.;:!?()]", caption.lower()):
+    spans, chunk = [], []
+    for match in re.finditer(r"[A-Za-z][A-Za-z'\-]*|[,.;:!?()]", caption):
+        word = match.group().lower()
         if word in _BREAKS or not word[0].isalpha():
             if chunk:
-                phrases.append(" ".join(chunk[-max_words:]))
+                spans.append((chunk[0][0], chunk[-1][1]))
             chunk = []
-        elif word not in _DETERMINERS or chunk:
-            chunk.append(word)
+        elif word not in _DETERMINERS or chunk or determiners:
+            chunk.append(match.span())
+            chunk = chunk[-max_words:] if max_words else chunk
     if chunk:
-        phrases.append(" ".join(chunk[-max_words:]))
-    return list(dict.fromkeys(phrases))
+        spans.append((chunk[0][0], chunk[-1][1]))
+    return spans
+
+
+def noun_phrases(caption: str, max_words: int = 4) -> list[str]:
+    """Short noun phrases of a caption (see `phrase_spans`), lower-cased and without repeats:
+    'a red star on the grass' -> ['red star', 'grass']."""
+    words = (re.findall(r"[A-Za-z][A-Za-z'\-]*", caption[s:e]) for s, e in phrase_spans(caption, max_words))
+    return list(dict.fromkeys(" ".join(w).lower() for w in words))
 
 
 @dataclass

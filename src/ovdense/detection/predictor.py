@@ -1,16 +1,22 @@
-"""The user-facing detection predictor: embed an image once (proposals, region embeddings, refined boxes), then
-ask any vocabulary."""
+"""The user-facing detection predictors: embed an image once, then ask any vocabulary (or caption).
+
+DetectionPredictor: region detectors (RegionCLIP): proposals, region embeddings and boxes are computed once.
+GroundingPredictor: grounding detectors (GLIP): the backbone and FPN run once, the fusion head per prompt.
+"""
 from __future__ import annotations
 
 import torch
+from torchvision.ops import batched_nms
 
 from ..data.images import load_image
 from ..errors import InputError
 from ..presets import DetectionProtocol, get_detection_protocol
 from ..text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary
-from .images import prepare_image
+from .atss import to_continuous
+from .grounding import GroundingPrompt, caption_prompt, chunk_classes, class_prompt, positive_map
+from .images import pad_batch, prepare_image
 from .postprocess import select_detections
-from .structures import DetectionResult
+from .structures import DetectionResult, GroundingResult
 
 
 class DetectionPredictor:
@@ -91,3 +97,105 @@ class DetectionPredictor:
     def __call__(self, image, vocabulary, **overrides) -> DetectionResult:
         self.set_image(image)
         return self.detect(vocabulary, **overrides)
+
+
+class GroundingPredictor:
+    """Detection and phrase grounding with a grounding detector (GLIP), one image at a time.
+
+    `set_image` runs the backbone and FPN once; `detect(vocabulary)` and `ground(caption)` then run the text encoder,
+    the fusion head and post-processing for each prompt (fusion mixes image and text, so that part cannot be cached).
+    detector: a model with `clip` (image mean / std), `embed_image`, `tokenize`, `max_tokens`, `text.token_spans`
+    / `count_tokens` and `predict` (see `ovdense.methods.glip.GLIPDetector`).
+    """
+
+    def __init__(self, detector, protocol: DetectionProtocol | str = "glip", max_pixels: int | None = None):
+        self.detector = detector.eval()
+        self.protocol = get_detection_protocol(protocol)
+        self.max_pixels = max_pixels
+        self._image = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.detector.device
+
+    @torch.no_grad()
+    def set_image(self, image) -> None:
+        """Read `image` (path, PIL image or (H, W[, C]) array), resize it (the protocol's short / max size), pad it
+        to a multiple of 32 and compute its FPN levels."""
+        rgb = load_image(image, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
+        clip = self.detector.clip
+        pixels = prepare_image(rgb, self.protocol.short, self.protocol.max_size, clip.image_mean, clip.image_std,
+                               self.device)
+        levels = self.detector.embed_image(pad_batch([pixels], 32))
+        self._image = {"rgb": rgb, "levels": levels, "size": tuple(pixels.shape[1:])}
+
+    def _boxes(self, prompt: GroundingPrompt, protocol: DetectionProtocol
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One prompt -> (N, 4) continuous boxes in the input image's pixels, (N,) scores, (N,) phrase indices after
+        class-wise NMS and the top `max_detections`."""
+        if self._image is None:
+            raise RuntimeError("call set_image(image) first")
+        text = self.detector.tokenize([prompt.caption])
+        token_map = positive_map(text.offsets[0], prompt.spans, text.ids.shape[1])
+        lost = [prompt.phrases[p] for p in range(len(prompt.spans)) if not token_map[p].any()]
+        if lost:
+            raise InputError(f"no token of the text encoder falls on {', '.join(map(repr, lost))}")
+        found = self.detector.predict(self._image["levels"], text, [token_map], protocol.score_threshold)[0]
+        height, width = self._image["size"]
+        boxes = torch.stack([found["boxes"][:, 0].clamp(0, width - 1), found["boxes"][:, 1].clamp(0, height - 1),
+                             found["boxes"][:, 2].clamp(0, width - 1), found["boxes"][:, 3].clamp(0, height - 1)], 1)
+        boxes = to_continuous(boxes)
+        boxes, scores, labels = select_detections(boxes, _one_hot_scores(found["scores"], found["labels"],
+                                                                          len(prompt.spans)),
+                                                  0.0, protocol.nms, protocol.iou_threshold, protocol.max_detections,
+                                                  protocol.soft_nms_sigma)
+        original_h, original_w = self._image["rgb"].shape[:2]
+        scale = boxes.new_tensor([width / original_w, height / original_h] * 2)
+        limit = boxes.new_tensor([original_w, original_h] * 2)
+        return torch.minimum(boxes / scale, limit), scores, labels
+
+    @torch.no_grad()
+    def detect(self, vocabulary: Vocabulary | str | list[str], **overrides) -> DetectionResult:
+        """Detect `vocabulary` ('heart, red star', a list or a Vocabulary; ';' separates synonyms): its names are put
+        into prompts of at most `chunk_size` names that fit the text encoder; a class scores its best synonym."""
+        protocol = self.protocol.updated(**overrides)
+        vocab = Vocabulary.coerce(vocabulary)
+        if not vocab.queries:
+            raise InputError("the vocabulary has no class to look for")
+        all_boxes, all_scores, all_labels = [], [], []
+        for chunk in chunk_classes(vocab.queries, self.detector.count_tokens, self.detector.max_tokens,
+                                   protocol.chunk_size):
+            boxes, scores, phrases = self._boxes(class_prompt([vocab.queries[q] for q in chunk]), protocol)
+            all_boxes.append(boxes)
+            all_scores.append(scores)
+            all_labels.append(torch.tensor([vocab.query_to_class[chunk[p]] for p in phrases.tolist()],
+                                           dtype=torch.long))
+        boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+        if len(vocab.queries) > len(vocab):  # synonyms of one class may come from several prompts
+            keep = batched_nms(boxes, scores, labels, protocol.iou_threshold)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        return DetectionResult(boxes, scores, labels, vocab.names, tuple(self._image["rgb"].shape[:2]),
+                               image=self._image["rgb"])
+
+    @torch.no_grad()
+    def ground(self, caption: str, phrases: list[str] | None = None, chunker: str = "auto", **overrides
+               ) -> GroundingResult:
+        """The boxes of each phrase of `caption`: the given `phrases` (found in the caption) or its noun phrases."""
+        protocol = self.protocol.updated(**overrides)
+        prompt = caption_prompt(caption, phrases, chunker)
+        if not prompt.spans:
+            raise InputError(f"no noun phrase found in {caption!r}: name the phrases to ground")
+        boxes, scores, labels = self._boxes(prompt, protocol)
+        return GroundingResult(boxes, scores, labels, prompt.phrases, tuple(self._image["rgb"].shape[:2]),
+                               image=self._image["rgb"], caption=prompt.caption, spans=prompt.spans)
+
+    def __call__(self, image, vocabulary, **overrides) -> DetectionResult:
+        self.set_image(image)
+        return self.detect(vocabulary, **overrides)
+
+
+def _one_hot_scores(scores: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """(N,) scores of (N,) labels -> (N, classes) with each row's score in its label's column."""
+    out = scores.new_zeros(len(scores), classes)
+    out[torch.arange(len(scores)), labels] = scores
+    return out

@@ -86,3 +86,31 @@ class DetectionResult:
             self.plot(**plot_kwargs).save(boxes, format="PNG")
             js.write_text(json.dumps({**(metadata or {}), **self.summary()}, indent=2), encoding="utf-8")
         return paths
+
+
+@dataclass
+class GroundingResult(DetectionResult):
+    """The boxes of a caption's phrases: a DetectionResult whose classes are the phrases (`class_names`), with the
+    caption and each phrase's character spans in it."""
+
+    caption: str = ""
+    spans: list[list[tuple[int, int]]] | None = None
+
+    def __repr__(self) -> str:
+        height, width = self.image_size
+        return f"GroundingResult({width}x{height}, {len(self)} boxes, {len(self.class_names)} phrases)"
+
+    def above(self, threshold: float) -> "GroundingResult":
+        keep = self.scores > threshold
+        return GroundingResult(self.boxes[keep], self.scores[keep], self.labels[keep], self.class_names,
+                               self.image_size, self.image, self.caption, self.spans)
+
+    def summary(self) -> dict:
+        """height, width, caption, and per phrase its text, character spans and boxes ({'score', 'box'}), best first."""
+        height, width = self.image_size
+        detections = self.to_list()
+        phrases = [{"phrase": name, "spans": [list(s) for s in spans], "boxes": []}
+                   for name, spans in zip(self.class_names, self.spans or [[]] * len(self.class_names))]
+        for label, detection in zip(self.labels.tolist(), detections):
+            phrases[label]["boxes"].append({"score": detection["score"], "box": detection["box"]})
+        return {"height": int(height), "width": int(width), "caption": self.caption, "phrases": phrases}

@@ -16,15 +16,19 @@ from .maskclip import MaskCLIP, refine_output
 from .denseclip import DenseCLIP
 from .tcl import TCL
 from .regionclip import RegionCLIPDetector
+from .glip import GLIPDetector
 
 METHODS = {"maskclip": MaskCLIP, "tcl": TCL, "denseclip": DenseCLIP}
-DETECTORS = {"regionclip": RegionCLIPDetector}
+DETECTORS = {"regionclip": RegionCLIPDetector, "glip": GLIPDetector}
+DEFAULT_DETECTION_PRESETS = {"regionclip": "ov-coco", "glip": "glip"}
 _WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 # Detectors shipped in the package, by (method, weights name): file, the command that made it, its preset.
 PACKAGED_DETECTORS = {
     ("regionclip", "synthetic"): (_WEIGHTS / "regionclip-tiny-rn-synthetic.safetensors",
                                   "ovdense train regionclip --config configs/regionclip_tiny_synthetic.yaml",
                                   "synthetic-detection"),
+    ("glip", "synthetic"): (_WEIGHTS / "glip-tiny-rn-synthetic.safetensors",
+                            "ovdense train glip --config configs/glip_tiny_synthetic.yaml", "glip-synthetic"),
 }
 
 
@@ -71,12 +75,11 @@ def load_detector(name: str = "regionclip", checkpoint: str | None = None, weigh
         path, command, preset = packaged
         if not path.is_file():
             raise CheckpointError(f"this ovdense does not ship the {name} detector for --weights {weights} ({path.name}); "
-                                  f"make it with `{command}` (after its RPN and pretraining recipes) and pass "
-                                  "--checkpoint RUN/regionclip.safetensors")
+                                  f"make it with `{command}` and pass --checkpoint RUN/{name}.safetensors")
         return DETECTORS[name].from_checkpoint(path, device=device), preset
     metadata = read_trained(checkpoint, tensors=False)[0]
     return DETECTORS[name].from_checkpoint(checkpoint, device=device, weights=weights), metadata.get("preset")
 
 
-__all__ = ["DETECTORS", "PACKAGED_DETECTORS", "RegionCLIPDetector", "load_detector", "METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
+__all__ = ["DEFAULT_DETECTION_PRESETS", "DETECTORS", "GLIPDetector", "PACKAGED_DETECTORS", "RegionCLIPDetector", "load_detector", "METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
            "refine_output"]

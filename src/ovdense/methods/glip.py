@@ -1,0 +1,443 @@
+"""GLIP (Li et al., CVPR 2022): detection as phrase grounding with deep vision-language fusion (microsoft/GLIP:
+`vldyhead.py`, `fuse_helper.py`, `rpn/loss.py`, `rpn/inference.py`).
+
+A prompt ("heart. red star. bar. " or a free caption) is tokenized; every anchor of an FPN (P3-P7, one square anchor
+of side 8 x stride per location) gets alignment logits with every token, S = O P^T / exp(log_scale) + bias, and a
+box. Before that, N layers of [bi-directional image-text cross-attention (all levels flattened into one sequence),
+a text self-attention layer, a DyHead conv block (scale, deformable spatial and DyReLU task attention)] let image
+and text features read each other. `fusion=False` drops the cross-attention and the text layers (GLIP-T(A)).
+Training: ATSS assignment, token sigmoid focal loss, GIoU weighted by centerness, centerness BCE.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from ..backbones import CLIPBackbone
+from ..detection import atss
+from ..text.tokens import BertTokenText, CLIPTokenText, TokenizedText
+from .base import TrainedModel
+from .regionclip import freeze_resnet_tower
+
+STRIDES = (8, 16, 32, 64, 128)
+ANCHOR_SCALE = 8  # anchor side = 8 x stride: 64 .. 1024 px
+PRIOR = 0.01
+CLAMP = 50000.0
+PRE_NMS_THRESHOLD = 0.05  # a phrase's score must pass this before centerness (ATSS.INFERENCE_TH)
+PRE_NMS_TOP_N = 1000  # candidates kept per level and image
+
+
+def clamp(x: torch.Tensor) -> torch.Tensor:
+    """GLIP's guard against fp16 overflow and underflow of attention logits: clamp to +-50000."""
+    return x.clamp(min=-CLAMP, max=CLAMP)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+class CLIPPyramid(nn.Module):
+    """C3-C5 maps (strides 8, 16, 32) from an open_clip image tower: ResNet layer2-4; a ViT's last block output
+    resized to the three strides (a simple pyramid, as ViTDet's without its convolutions: the FPN's 1x1
+    laterals follow).
+
+    clip: the CLIPBackbone (its image tower is trained in place unless `frozen`).
+    """
+
+    def __init__(self, clip: CLIPBackbone, frozen: bool = False):
+        super().__init__()
+        self.clip = clip
+        clip.visual.requires_grad_(not frozen)
+        if clip.arch == "resnet":
+            freeze_resnet_tower(clip.visual)  # FrozenBN, stem and layer1 frozen (detectron2's FREEZE_AT 2)
+        probe = self(torch.zeros(1, 3, 64, 64, device=clip.device))
+        self.channels = [m.shape[1] for m in probe]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised -> [(B, C_i, ceil(H / s), ceil(W / s)) for s in 8, 16, 32]."""
+        if self.clip.arch == "resnet":
+            return [m.float() for m in self.clip.feature_maps(images, [1, 2, 3])]
+        tokens = self.clip.feature_maps(images, [-1])[0].float()
+        height, width = images.shape[-2:]
+        return [F.interpolate(tokens, size=(-(-height // s), -(-width // s)), mode="bilinear", align_corners=False)
+                for s in STRIDES[:3]]
+
+
+# -------------------------------------------------------------------------------------------------- fusion
+class BiAttention(nn.Module):
+    """Bi-directional multi-head attention (`BiMultiHeadAttention`): one logits tensor serves both directions.
+
+    Image queries attend over the text tokens (padding masked); text queries attend over all image positions
+    (no mask, as the official code). Logits are clamped to +-50000; the text side subtracts its row maximum first.
+    """
+
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, heads: int, dropout: float = 0.1):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"fusion dim {embed_dim} is not a multiple of its {heads} heads")
+        self.heads, self.dropout = heads, dropout
+        self.v_proj, self.l_proj = nn.Linear(v_dim, embed_dim), nn.Linear(l_dim, embed_dim)
+        self.values_v_proj, self.values_l_proj = nn.Linear(v_dim, embed_dim), nn.Linear(l_dim, embed_dim)
+        self.out_v_proj, self.out_l_proj = nn.Linear(embed_dim, v_dim), nn.Linear(embed_dim, l_dim)
+        for layer in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj, self.out_v_proj,
+                      self.out_l_proj):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, N, d)
+
+    def forward(self, v: torch.Tensor, l: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v (B, N, v_dim) image positions, l (B, T, l_dim) tokens, text_mask (B, T) bool -> updates (dv, dl)."""
+        q = self._heads(self.v_proj(v))
+        q = q * q.shape[-1] ** -0.5
+        logits = clamp(q @ self._heads(self.l_proj(l)).transpose(-1, -2))  # (B, H, N, T)
+        text_side = logits.transpose(-1, -2)
+        text_side = clamp(text_side - text_side.amax(dim=-1, keepdim=True)).softmax(dim=-1)  # over positions
+        image_side = logits.masked_fill(~text_mask[:, None, None, :], -9e15).softmax(dim=-1)  # over tokens
+        image_side = F.dropout(image_side, self.dropout, self.training)
+        text_side = F.dropout(text_side, self.dropout, self.training)
+        dv = (image_side @ self._heads(self.values_l_proj(l))).transpose(1, 2).flatten(2)
+        dl = (text_side @ self._heads(self.values_v_proj(v))).transpose(1, 2).flatten(2)
+        return self.out_v_proj(dv), self.out_l_proj(dl)
+
+
+class FusionLayer(nn.Module):
+    """`BiAttentionBlock`: pre-LayerNorm on both sides, bi-attention, residuals gated by layer-scale vectors
+    (initialised to 1 / layers). As the official code, the residual adds to the normalised features."""
+
+    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, heads: int, init_scale: float, dropout: float = 0.1):
+        super().__init__()
+        self.norm_v, self.norm_l = nn.LayerNorm(v_dim), nn.LayerNorm(l_dim)
+        self.attn = BiAttention(v_dim, l_dim, embed_dim, heads, dropout)
+        self.gamma_v = nn.Parameter(torch.full((v_dim,), init_scale))
+        self.gamma_l = nn.Parameter(torch.full((l_dim,), init_scale))
+
+    def forward(self, levels: list[torch.Tensor], text: torch.Tensor, text_mask: torch.Tensor
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """levels [(B, C, h_i, w_i)], text (B, T, l_dim) -> the same shapes, each side updated by the other."""
+        sizes = [m.shape[-2:] for m in levels]
+        v = self.norm_v(torch.cat([m.flatten(2).transpose(1, 2) for m in levels], dim=1))  # (B, sum h_i w_i, C)
+        l = self.norm_l(text)
+        dv, dl = self.attn(v, l, text_mask)
+        v, l = v + self.gamma_v * dv, l + self.gamma_l * dl
+        out = v.transpose(1, 2).split([h * w for h, w in sizes], dim=2)
+        return [m.reshape(len(m), -1, h, w) for m, (h, w) in zip(out, sizes)], l
+
+
+class TextLayer(nn.Module):
+    """GLIP's `BertEncoderLayer`: a post-LayerNorm BERT layer (self-attention, GELU feed-forward) with its clamps."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.1, eps: float = 1e-12):
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.attention_out, self.attention_norm = nn.Linear(width, width), nn.LayerNorm(width, eps=eps)
+        self.intermediate, self.output = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.output_norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, width), mask (B, T) bool -> (B, T, width)."""
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        scores = clamp(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]))
+        scores = scores + (1.0 - mask[:, None, None, :].float()) * -10000.0  # BERT's extended attention mask
+        attended = (self.dropout(scores.softmax(dim=-1)) @ v).transpose(1, 2).flatten(2)
+        x = self.attention_norm(self.dropout(self.attention_out(attended)) + x)
+        hidden = clamp(F.gelu(clamp(self.intermediate(x))))
+        return clamp(self.output_norm(clamp(self.dropout(self.output(hidden)) + x)))
+
+
+def h_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return F.relu6(x + 3) / 6
+
+
+class DyReLU(nn.Module):
+    """DyHead's task attention: out = max(x a1 + b1, x a2 + b2) with per-channel (a1, b1, a2, b2) from the pooled
+    features; a1 = 2 (y - 0.5) + 1, a2 = 2 (y - 0.5), b = y - 0.5 (y in [0, 1] by h_sigmoid)."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        squeeze = max(4, int(channels // reduction + 2) // 4 * 4)  # _make_divisible(channels // 4, 4)
+        self.fc = nn.Sequential(nn.Linear(channels, squeeze), nn.ReLU(inplace=True), nn.Linear(squeeze, 4 * channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = h_sigmoid(self.fc(x.mean(dim=(2, 3))))[:, :, None, None]
+        a1, b1, a2, b2 = y.split(x.shape[1], dim=1)
+        return torch.maximum(x * ((a1 - 0.5) * 2 + 1) + (b1 - 0.5), x * ((a2 - 0.5) * 2) + (b2 - 0.5))
+
+
+class ConvNorm(nn.Module):
+    """`Conv3x3Norm`: a 3x3 modulated deformable (or plain) convolution, then GroupNorm."""
+
+    def __init__(self, channels: int, stride: int, groups: int, deformable: bool):
+        super().__init__()
+        self.stride, self.deformable = stride, deformable
+        self.weight = nn.Parameter(torch.empty(channels, channels, 3, 3))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        bound = 1 / math.sqrt(channels * 9)
+        nn.init.uniform_(self.weight, -bound, bound) if deformable else nn.init.normal_(self.weight, 0, 0.01)
+        self.norm = nn.GroupNorm(groups, channels)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.deformable:
+            x = deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride, padding=1, mask=mask)
+        else:
+            x = F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=1)
+        return self.norm(x)
+
+
+def _reused(buffer: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The official CUDA kernel reads a level's offsets (B, K, h, w) for the coarser level's smaller output as the
+    first K x h' x w' values of each image's buffer; reproduced so that GLIP's weights see what they were trained
+    with (torchvision would reject the mismatched shape)."""
+    batch, channels = buffer.shape[:2]
+    return buffer.reshape(batch, -1)[:, :channels * size[0] * size[1]].reshape(batch, channels, *size)
+
+
+class DyConv(nn.Module):
+    """One DyHead block over all levels: each level mixes itself (stride 1), the finer level (stride 2) and the
+    coarser level (stride 1, upsampled), weighted by scale attention, then DyReLU. Offsets and masks for the
+    deformable convolutions come from the level itself."""
+
+    def __init__(self, channels: int, groups: int = 16, deformable: bool = True):
+        super().__init__()
+        self.convs = nn.ModuleList([ConvNorm(channels, s, groups, deformable) for s in (1, 1, 2)])
+        self.scale_attention = nn.Conv2d(channels, 1, 1)
+        nn.init.normal_(self.scale_attention.weight, 0, 0.01)
+        nn.init.zeros_(self.scale_attention.bias)
+        self.relu = DyReLU(channels)
+        self.offset = nn.Conv2d(channels, 27, 3, padding=1) if deformable else None
+
+    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+        return h_sigmoid(F.relu(self.scale_attention(x.mean(dim=(2, 3), keepdim=True))))
+
+    def forward(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, x in enumerate(levels):
+            offset = mask = None
+            if self.offset is not None:
+                om = self.offset(x)
+                offset, mask = om[:, :18].contiguous(), om[:, 18:].sigmoid().contiguous()
+            terms = [self.convs[1](x, offset, mask)]
+            if i > 0:
+                terms.append(self.convs[2](levels[i - 1], offset, mask))
+            if i < len(levels) - 1:
+                size = levels[i + 1].shape[-2:]
+                coarser = self.convs[0](levels[i + 1], offset if offset is None else _reused(offset, size),
+                                        mask if mask is None else _reused(mask, size))
+                terms.append(F.interpolate(coarser, size=x.shape[-2:], mode="bilinear", align_corners=True))
+            out.append(torch.stack([t * self._attention(t) for t in terms]).mean(dim=0))
+        return [self.relu(x) for x in out]
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def token_focal_loss(logits: torch.Tensor, targets: torch.Tensor, text_mask: torch.Tensor, alpha: float = 0.25,
+                     gamma: float = 2.0) -> torch.Tensor:
+    """GLIP's `token_sigmoid_binary_focal_loss`, summed: logits and 0/1 targets (B, A, T), text_mask (B, T) bool ->
+    sum over anchors and real tokens of -alpha_t (1 - p_t)^gamma log(p_t)."""
+    selected = text_mask[:, None, :].expand_as(logits)
+    x, t = logits[selected], targets[selected].float()
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    return (ce * (1 - p_t) ** gamma * (alpha * t + (1 - alpha) * (1 - t))).sum()
+
+
+def _mean_over_ranks(value: float) -> float:
+    """GLIP normalises its losses by counts averaged over the GPUs (at least 1)."""
+    if dist.is_available() and dist.is_initialized():
+        total = torch.tensor([value], dtype=torch.float32, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(total)
+        value = float(total) / dist.get_world_size()
+    return value
+
+
+class GLIPDetector(TrainedModel, nn.Module):
+    """GLIP on an open_clip image tower (or any module giving C3-C5 maps) and a token text encoder.
+
+    clip: the CLIP whose image tower is the backbone and, with text='clip', whose text tower encodes prompts.
+    channels: FPN / head width (256 in GLIP-T). layers: fusion + conv layers (6). fusion: deep fusion on/off.
+    fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers.
+    text: 'clip' or 'bert' (GLIP's bert-base-uncased, `text_source` names it). deformable: DyHead's deformable
+    convs. train_backbone / train_text: fine-tune the image / text towers (GLIP fine-tunes both).
+    """
+
+    name = "glip"
+
+    def __init__(self, clip: CLIPBackbone, channels: int = 256, layers: int = 6, fusion: bool = True,
+                 fusion_dim: int = 2048, fusion_heads: int = 8, text_heads: int = 12, groups: int = 16,
+                 text: str = "clip", text_source: str = "bert-base-uncased", deformable: bool = True,
+                 train_backbone: bool = True, train_text: bool = True, topk: int = 9, dropout: float = 0.1):
+        super().__init__()
+        self.config = {"channels": channels, "layers": layers, "fusion": fusion, "fusion_dim": fusion_dim,
+                       "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "text": text,
+                       "text_source": text_source, "deformable": deformable, "train_backbone": train_backbone,
+                       "train_text": train_text, "topk": topk, "dropout": dropout}
+        if text not in ("clip", "bert"):
+            raise ValueError(f"text must be 'clip' or 'bert', got {text!r}")
+        self.clip = clip = copy.deepcopy(clip).requires_grad_(False)  # fine-tuned here, the caller's stays as it was
+        self.image = CLIPPyramid(clip, frozen=not train_backbone)
+        self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source)
+        self.text.trainable(train_text)
+        self.fpn = FeaturePyramidNetwork(self.image.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
+        width = self.text.width
+        self.fusion = fusion
+        self.fusion_layers = nn.ModuleList(
+            [FusionLayer(channels, width, fusion_dim, fusion_heads, 1 / layers, dropout) for _ in range(layers)]
+            if fusion else [])
+        self.text_layers = nn.ModuleList([TextLayer(width, text_heads, dropout) for _ in range(layers)]
+                                         if fusion else [])
+        self.conv_layers = nn.ModuleList([DyConv(channels, groups, deformable) for _ in range(layers)])
+        self.bbox_pred, self.centerness = nn.Conv2d(channels, 4, 1), nn.Conv2d(channels, 1, 1)
+        for conv in (self.bbox_pred, self.centerness):
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+        self.scales = nn.ModuleList([Scale() for _ in STRIDES])
+        self.text_projection = nn.Linear(width, channels)
+        self.log_scale = nn.Parameter(torch.zeros(1))
+        self.bias_lang = nn.Parameter(torch.zeros(width))
+        self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - PRIOR) / PRIOR)]))
+        self.topk = topk
+
+    @property
+    def backbone(self) -> CLIPBackbone:
+        return self.clip
+
+    @property
+    def device(self) -> torch.device:
+        return self.bias0.device
+
+    @property
+    def max_tokens(self) -> int:
+        return self.text.max_tokens
+
+    # --------------------------------------------------------------------------------- the two halves
+    def embed_image(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalised, padded to a multiple of 32 -> FPN levels P3-P7 [(B, channels, h_l, w_l)]: all
+        that does not depend on the words."""
+        maps = self.image(images)
+        return list(self.fpn({str(i): m for i, m in enumerate(maps)}).values())
+
+    def tokenize(self, captions: list[str], truncate: bool = False) -> TokenizedText:
+        return self.text.tokenize(captions, truncate)
+
+    def count_tokens(self, text: str) -> int:
+        """The number of tokens of `text` without the special ones."""
+        return self.text.count_tokens(text)
+
+    def head(self, levels: list[torch.Tensor], text: TokenizedText) -> dict[str, torch.Tensor]:
+        """FPN levels and a tokenized prompt per image -> {'logits': (B, A, T) token alignment logits, 'deltas':
+        (B, A, 4), 'centerness': (B, A) logits, 'shapes': [(h_l, w_l)]}, anchors level by level, row-major."""
+        mask = text.mask.to(self.device)
+        tokens = self.text(text)  # (B, T, width)
+        if self.fusion:
+            for fusion, text_layer, conv in zip(self.fusion_layers, self.text_layers, self.conv_layers):
+                levels, tokens = fusion(levels, tokens, mask)
+                tokens = text_layer(tokens, mask)
+                levels = conv(levels)
+        else:
+            for conv in self.conv_layers:
+                levels = conv(levels)
+            tokens = tokens * mask[..., None]  # GLIP's 'embedded' features: padding zeroed
+        unit = F.normalize(tokens, dim=-1)
+        projected = self.text_projection(unit / 2.0)  # (B, T, channels)
+        token_bias = unit @ self.bias_lang + self.bias0  # (B, T)
+        logits, deltas, ctr = [], [], []
+        for x, scale in zip(levels, self.scales):
+            queries = x.flatten(2).transpose(1, 2)  # (B, hw, C)
+            logits.append(clamp(queries @ projected.transpose(1, 2) / self.log_scale.exp() + token_bias[:, None]))
+            deltas.append(scale(self.bbox_pred(x)).flatten(2).transpose(1, 2))
+            ctr.append(self.centerness(x).flatten(2)[:, 0])
+        return {"logits": torch.cat(logits, 1), "deltas": torch.cat(deltas, 1), "centerness": torch.cat(ctr, 1),
+                "shapes": [tuple(x.shape[-2:]) for x in levels]}
+
+    def anchors(self, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per level (h_l * w_l, 4) pixel-index anchors."""
+        return atss.anchors_for(shapes, STRIDES, [ANCHOR_SCALE * s for s in STRIDES], self.device)
+
+    # ------------------------------------------------------------------------------------------ training
+    def losses(self, images: torch.Tensor, text: TokenizedText, targets: list[dict[str, torch.Tensor]]
+               ) -> dict[str, torch.Tensor]:
+        """images (B, 3, H, W) normalised and padded; text: one prompt per image; targets [{'boxes': (G_i, 4)
+        continuous xyxy in the resized pixels, 'positive_map': (G_i, T) bool, the tokens of each box's phrase}]
+        -> {'loss', 'loss_token', 'loss_reg', 'loss_centerness'} (GLIP's weights 1, 2, 1)."""
+        out = self.head(self.embed_image(images), text)
+        anchors = self.anchors(out["shapes"])
+        every = torch.cat(anchors)
+        tokens = out["logits"].shape[2]
+        token_targets = torch.zeros_like(out["logits"], dtype=torch.bool)
+        positive, matched_boxes, matched_anchors, pred_deltas, pred_ctr = [], [], [], [], []
+        for b, target in enumerate(targets):
+            boxes = atss.to_inclusive(target["boxes"].to(every))
+            matched = atss.atss_assign(anchors, boxes, self.topk)
+            pos = matched >= 0
+            token_targets[b, pos] = target["positive_map"].to(self.device)[matched[pos], :tokens]
+            if tokens == self.max_tokens:  # unmatched anchors: GLIP's "no object" token, the last of 256
+                token_targets[b, ~pos, -1] = True
+            positive.append(pos)
+            matched_boxes.append(boxes[matched[pos]])
+            matched_anchors.append(every[pos])
+            pred_deltas.append(out["deltas"][b, pos])
+            pred_ctr.append(out["centerness"][b, pos])
+        mask = text.mask.to(self.device)
+        num_pos = max(_mean_over_ranks(float(sum(int(p.sum()) for p in positive))), 1.0)
+        loss_token = token_focal_loss(out["logits"].float(), token_targets, mask) / num_pos
+        boxes, anchors_pos = torch.cat(matched_boxes), torch.cat(matched_anchors)
+        deltas, ctr = torch.cat(pred_deltas).float(), torch.cat(pred_ctr).float()
+        if len(boxes):
+            ctr_target = atss.centerness(boxes, anchors_pos)
+            predicted = atss.decode(deltas, anchors_pos)
+            predicted = torch.cat([predicted[:, :2], torch.maximum(predicted[:, 2:], predicted[:, :2])], dim=1)
+            giou = generalized_box_iou_loss(predicted, boxes, reduction="none", eps=1e-7)
+            loss_reg = 2.0 * (giou * ctr_target).sum() / max(_mean_over_ranks(float(ctr_target.sum())), 1e-6)
+            loss_ctr = F.binary_cross_entropy_with_logits(ctr, ctr_target, reduction="sum") / num_pos
+        else:
+            loss_reg, loss_ctr = deltas.sum(), ctr.sum()
+        return {"loss": loss_token + loss_reg + loss_ctr, "loss_token": loss_token, "loss_reg": loss_reg,
+                "loss_centerness": loss_ctr}
+
+    # ----------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def predict(self, levels: list[torch.Tensor], text: TokenizedText, token_maps: list[torch.Tensor],
+                score_threshold: float = PRE_NMS_THRESHOLD) -> list[dict[str, torch.Tensor]]:
+        """Per image and phrase, candidate boxes before NMS: levels of B images, text (B prompts), token_maps [(P_b,
+        T) bool] (each phrase's tokens) -> [{'boxes': (N, 4) pixel-index xyxy, 'scores': (N,) sqrt(phrase score x
+        centerness), 'labels': (N,) phrase index}], GLIP's per-level candidates (phrase score, the mean of its
+        tokens' sigmoids, above `score_threshold`, then the best 1000 by score x centerness)."""
+        out = self.head(levels, text)
+        anchors = self.anchors(out["shapes"])
+        sizes = [len(a) for a in anchors]
+        results = []
+        for b, token_map in enumerate(token_maps):
+            token_map = token_map.to(self.device, torch.float32)[:, :out["logits"].shape[2]]
+            probs = out["logits"][b].sigmoid() @ token_map.T / token_map.sum(dim=1).clamp(min=1)  # (A, P)
+            ctr = out["centerness"][b].sigmoid()
+            boxes = atss.decode(out["deltas"][b], torch.cat(anchors))
+            picked = {"boxes": [], "scores": [], "labels": []}
+            for level, start in zip(anchors, [sum(sizes[:i]) for i in range(len(sizes))]):
+                span = slice(start, start + len(level))
+                candidate = probs[span] > score_threshold
+                scores = (probs[span] * ctr[span, None])[candidate]
+                rows, labels = candidate.nonzero(as_tuple=True)
+                best = scores.topk(min(PRE_NMS_TOP_N, len(scores))).indices
+                picked["boxes"].append(boxes[span][rows[best]])
+                picked["scores"].append(torch.sqrt(probs[span][rows[best], labels[best]] * ctr[span][rows[best]]))
+                picked["labels"].append(labels[best])
+            results.append({k: torch.cat(v) for k, v in picked.items()})
+        return results
+

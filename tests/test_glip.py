@@ -1,0 +1,278 @@
+"""GLIP: prompts and positive maps, ATSS, the fusion layer, the token loss, score aggregation, learning, and the CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import sigmoid_focal_loss
+
+from ovdense.cli import main
+from ovdense.detection import atss
+from ovdense.detection.grounding import (caption_prompt, chunk_classes, class_prompt, clean_name, positive_map,
+                                         training_prompt)
+from ovdense.detection.predictor import GroundingPredictor
+from ovdense.errors import InputError
+from ovdense.methods.glip import FusionLayer, GLIPDetector, _reused, token_focal_loss
+from ovdense.text.tokens import CLIPTokenText
+
+TINY = {"channels": 32, "layers": 2, "fusion_dim": 64, "fusion_heads": 2, "text_heads": 2, "groups": 8}
+
+
+@pytest.fixture(scope="module")
+def glip(tiny_rn):
+    torch.manual_seed(0)
+    return GLIPDetector(tiny_rn, **TINY)
+
+
+# ------------------------------------------------------------------------------------------ prompts and tokens
+def test_class_prompt_joins_cleaned_names_and_records_their_spans():
+    prompt = class_prompt(["heart", "red_star", "bow_(weapon)"])
+    assert prompt.caption == "heart. red star. bow "
+    assert [[prompt.caption[s:e] for s, e in spans] for spans in prompt.spans] == [["heart"], ["red star"], ["bow "]]
+    assert clean_name("traffic_light") == "traffic light"
+
+
+def test_clip_tokens_carry_character_spans_and_equal_open_clip_tokens(tiny_rn):
+    text = CLIPTokenText(tiny_rn)
+    caption = "heart. red star. bar"
+    ids, spans = text.token_spans(caption)
+    assert ids == tiny_rn.tokenizer.encode(caption)
+    assert [caption[s:e] for s, e in spans] == ["heart", ".", "red", "star", ".", "bar"]
+    tokenized = text.tokenize([caption, "bar"])
+    assert tokenized.ids.shape == (2, 8) and tokenized.mask.sum(1).tolist() == [8, 3]
+    assert tokenized.ids[0, 0] == tiny_rn.tokenizer.sot_token_id and tokenized.ids[0, 7] == tiny_rn.tokenizer.eot_token_id
+    with pytest.raises(InputError, match="tokens long"):
+        text.tokenize(["word " * 100])
+    assert text.tokenize(["word " * 100], truncate=True).ids.shape[1] == text.max_tokens
+
+
+def test_positive_map_marks_exactly_the_tokens_of_each_phrase(tiny_rn):
+    text = CLIPTokenText(tiny_rn)
+    prompt = class_prompt(["heart", "red star", "bar"])
+    tokenized = text.tokenize([prompt.caption])
+    pm = positive_map(tokenized.offsets[0], prompt.spans, tokenized.ids.shape[1])
+    # tokens: <sot> heart . red star . bar <eot>
+    assert pm.int().tolist() == [[0, 1, 0, 0, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 1, 0]]
+
+
+def test_caption_prompt_finds_given_phrases_or_chunks_noun_phrases():
+    caption = "A red star left of a small blue circle, and a red star."
+    given = caption_prompt(caption, ["red star", "small blue circle"])
+    assert given.spans == [[(2, 10), (46, 54)], [(21, 38)]]
+    ruled = caption_prompt(caption, chunker="rules")
+    assert ruled.phrases == ["A red star", "a small blue circle", "a red star"]
+    with pytest.raises(InputError, match="not in the caption"):
+        caption_prompt(caption, ["green bar"])
+    with pytest.raises(InputError, match="empty"):
+        caption_prompt("  ")
+
+
+def test_chunks_respect_both_the_name_count_and_the_token_limit():
+    names = [f"thing{i}" for i in range(10)]
+    count = lambda text: len(text.split()) + 1  # noqa: E731  'thingN. ' is two tokens
+    assert chunk_classes(names, count, max_tokens=100, chunk_size=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert chunk_classes(names, count, max_tokens=8, chunk_size=40) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    with pytest.raises(InputError, match="alone takes"):
+        chunk_classes(["a very long name indeed"], count, max_tokens=4)
+
+
+def test_training_prompt_keeps_positives_adds_other_negatives_within_budget():
+    pool = [f"class{i}" for i in range(30)]
+    count = lambda text: 2  # noqa: E731
+    for seed in range(20):
+        prompt = training_prompt(["class3", "class7"], pool, count, max_tokens=22, rng=np.random.default_rng(seed))
+        assert {"class3", "class7"} <= set(prompt.phrases) and len(set(prompt.phrases)) == len(prompt.phrases)
+        assert 2 * len(prompt.phrases) <= 20  # the budget: 22 minus the two special tokens
+        assert prompt.caption == ". ".join(prompt.phrases)
+    again = training_prompt(["class3"], pool, count, 22, np.random.default_rng(5))
+    assert again == training_prompt(["class3"], pool, count, 22, np.random.default_rng(5))
+
+
+# -------------------------------------------------------------------------------------------------------- ATSS
+def test_anchors_and_box_coding_follow_maskrcnn_benchmark():
+    anchors = atss.level_anchors(2, 3, 8, 64)
+    assert anchors[0].tolist() == [-28.0, -28.0, 35.0, 35.0]  # GLIP's cell anchor for stride 8
+    assert anchors[4].tolist() == [-20.0, -20.0, 43.0, 43.0]  # row 1, column 1
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 41.0], [0.0, 0.0, 99.0, 9.0]])
+    deltas = atss.encode(boxes, anchors[:2])
+    assert torch.allclose(atss.decode(deltas, anchors[:2]), boxes, atol=1e-4)
+    # a 64 px anchor centred on 3.5; a 41 px box centred 7 px right of it: dx = 10 * 7 / 64, dw = 5 log(41 / 64)
+    one = atss.encode(torch.tensor([[-9.5, -28.0, 30.5, 35.0]]), anchors[:1])[0]
+    assert one[0].item() == pytest.approx(10 * 7 / 64) and one[2].item() == pytest.approx(5 * math.log(41 / 64))
+
+
+def test_atss_picks_the_statistically_best_anchors_inside_the_box():
+    level0 = atss.level_anchors(8, 8, 8, 16)  # 16 px anchors every 8 px
+    level1 = atss.level_anchors(4, 4, 16, 32)
+    box = torch.tensor([[16.0, 16.0, 47.0, 47.0]])  # 32 x 32: exactly the level-1 anchor of cell (1, 1)
+    matched = atss.atss_assign([level0, level1], box, topk=9)
+    positives = set((matched >= 0).nonzero()[:, 0].tolist())
+    assert 64 + 5 in positives  # level 1, row 1, column 1: IoU 1
+    every = torch.cat([level0, level1])
+    iou = atss.pairwise_iou(every, box)[:, 0]
+    centre_x, centre_y = (every[:, 0] + every[:, 2]) / 2, (every[:, 1] + every[:, 3]) / 2
+    for i in positives:  # positives: centre inside the box and IoU at the threshold or above
+        assert 16 < centre_x[i] < 47 and 16 < centre_y[i] < 47
+    # the threshold by hand: the 9 nearest anchors of each level, mean + std of their IoUs
+    distance = ((centre_x - 31.5) ** 2 + (centre_y - 31.5) ** 2)
+    candidates = torch.cat([distance[:64].topk(9, largest=False).indices,
+                            64 + distance[64:].topk(9, largest=False).indices])
+    threshold = iou[candidates].mean() + iou[candidates].std()
+    expected = {int(i) for i in candidates if iou[i] >= threshold and 16.01 < centre_x[i] < 46.99
+                and 16.01 < centre_y[i] < 46.99}
+    assert positives == expected
+
+
+def test_atss_gives_a_shared_anchor_to_the_box_it_overlaps_most():
+    levels = [atss.level_anchors(8, 8, 8, 16), atss.level_anchors(4, 4, 16, 32)]
+    exact, shifted = [16.0, 16.0, 47.0, 47.0], [22.0, 22.0, 53.0, 53.0]  # the level-1 anchor of cell (1, 1) and a shift
+    both = torch.tensor([exact, shifted])
+    for boxes, owner in ((both, 0), (both.flip(0), 1)):
+        matched = atss.atss_assign(levels, boxes, topk=9)
+        assert matched[64 + 5] == owner  # positive for both boxes, it goes to the one it equals
+        assert {0, 1} <= set(matched.tolist())
+    assert (atss.atss_assign(levels, both[:0]) == -1).all()
+
+
+# ------------------------------------------------------------------------------------------- fusion and losses
+def test_fusion_layer_shapes_masking_and_gate_at_init():
+    torch.manual_seed(0)
+    layer = FusionLayer(v_dim=16, l_dim=12, embed_dim=32, heads=4, init_scale=1 / 6).eval()
+    assert torch.equal(layer.gamma_v, torch.full((16,), 1 / 6)) and torch.equal(layer.gamma_l, torch.full((12,), 1 / 6))
+    levels = [torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    text = torch.randn(2, 5, 12)
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out_levels, out_text = layer(levels, text, mask)
+    assert [m.shape for m in out_levels] == [m.shape for m in levels] and out_text.shape == text.shape
+    changed = text.clone()
+    changed[1, 3:] = 100 * torch.randn(2, 12)  # padding tokens: the image side must not read them
+    again, _ = layer(levels, changed, mask)
+    assert all(torch.allclose(a[1], b[1], atol=1e-5) for a, b in zip(out_levels, again))
+    changed[1, 0] = 3 * torch.randn(12)  # a real token: it must
+    assert not torch.allclose(out_levels[0][1], layer(levels, changed, mask)[0][0][1], atol=1e-3)
+    with torch.no_grad():  # the gate: with gamma 0 the output is the normalised input itself
+        layer.gamma_v.zero_()
+        layer.gamma_l.zero_()
+    gated, gated_text = layer(levels, text, mask)
+    flat = torch.cat([m.flatten(2).transpose(1, 2) for m in levels], 1)
+    normalised = torch.nn.functional.layer_norm(flat, (16,), layer.norm_v.weight, layer.norm_v.bias)
+    assert torch.allclose(gated[0].flatten(2).transpose(1, 2), normalised[:, :16], atol=1e-5)
+    assert torch.allclose(gated_text, layer.norm_l(text), atol=1e-6)
+
+
+def test_token_focal_loss_equals_a_direct_computation_over_real_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 5)
+    targets = torch.rand(2, 7, 5) > 0.7
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    expected = sum(sigmoid_focal_loss(logits[b, :, mask[b]], targets[b, :, mask[b]].float(), 0.25, 2.0,
+                                      reduction="sum") for b in range(2))
+    assert token_focal_loss(logits, targets, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_phrase_scores_are_the_mean_of_their_tokens_probabilities_times_centerness(glip, monkeypatch):
+    shapes = [(2, 2), (1, 1)]
+    logits = torch.tensor([[[0.0, 2.0, -1.0, 3.0], [-9.0, -9.0, -9.0, -9.0], [1.0, 1.0, 1.0, 1.0],
+                            [5.0, -5.0, 0.0, 0.0], [2.0, 2.0, -2.0, 0.5]]])
+    centerness = torch.tensor([[0.0, 0.0, 1.0, -1.0, 3.0]])
+    monkeypatch.setattr(glip, "head", lambda levels, text: {"logits": logits, "deltas": torch.zeros(1, 5, 4),
+                                                            "centerness": centerness, "shapes": shapes})
+    corners = torch.arange(5, dtype=torch.float32)[:, None] * 20  # anchor a is [20a, 20a, 20a + 10, 20a + 10]
+    anchors = torch.cat([corners.expand(5, 2), corners.expand(5, 2) + 10], 1)
+    monkeypatch.setattr(glip, "anchors", lambda s: [anchors[:4], anchors[4:]])
+    token_map = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    found = glip.predict(None, None, [token_map], score_threshold=0.05)[0]
+    probs = logits[0].sigmoid()
+    phrase = torch.stack([probs[:, 1:3].mean(1), probs[:, 3]], 1)  # (A, P)
+    expected = {(a, p): math.sqrt(phrase[a, p] * centerness[0, a].sigmoid())
+                for a in range(5) for p in range(2) if phrase[a, p] > 0.05}
+    rows = (found["boxes"][:, 0] / 20).round().long().tolist()  # zero deltas: each box is its anchor
+    got = {(a, p): s for a, p, s in zip(rows, found["labels"].tolist(), found["scores"].tolist())}
+    assert got.keys() == expected.keys()
+    assert all(got[k] == pytest.approx(float(v), rel=1e-5) for k, v in expected.items())
+
+
+def test_a_short_training_run_lowers_the_loss(tiny_rn):
+    torch.manual_seed(0)
+    model = GLIPDetector(tiny_rn, **TINY).train()
+    text = model.tokenize(["heart. red star. bar", "a red star on grass"])
+    pm = [positive_map(text.offsets[0], [[(7, 15)]], text.ids.shape[1]),
+          positive_map(text.offsets[1], [[(2, 10)]], text.ids.shape[1])]
+    images = torch.randn(2, 3, 96, 96)
+    targets = [{"boxes": torch.tensor([[20.0, 30.0, 70.0, 80.0]]), "positive_map": pm[0]},
+               {"boxes": torch.tensor([[10.0, 10.0, 50.0, 60.0]]), "positive_map": pm[1]}]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(15):
+        torch.manual_seed(0)
+        values = model.losses(images, text, targets)
+        optimizer.zero_grad()
+        values["loss"].backward()
+        optimizer.step()
+        losses.append(values["loss"].item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert set(values) == {"loss", "loss_token", "loss_reg", "loss_centerness"}
+
+
+def test_the_coarser_level_reuses_offsets_as_the_official_kernel_reads_them():
+    buffer = torch.arange(2 * 18 * 4 * 4, dtype=torch.float32).reshape(2, 18, 4, 4)
+    reused = _reused(buffer, (2, 2))
+    assert reused.shape == (2, 18, 2, 2)
+    assert torch.equal(reused[1].flatten(), buffer[1].flatten()[:72])
+
+
+def test_the_detector_does_not_change_the_clip_it_was_given(tiny_rn):
+    before = {k: v.clone() for k, v in tiny_rn.state_dict().items()}
+    flags = [p.requires_grad for p in tiny_rn.parameters()]
+    model = GLIPDetector(tiny_rn, **TINY)
+    assert [p.requires_grad for p in tiny_rn.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in tiny_rn.state_dict().items())
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.startswith("clip.")}
+    assert trainable == {"visual", "positional_embedding", "token_embedding", "transformer", "ln_final"}
+    assert not any(p.requires_grad for p in model.clip.visual.layer1.parameters())  # detectron2's FREEZE_AT 2
+
+
+# ------------------------------------------------------------------------------------------ predictor and CLI
+@pytest.fixture(scope="module")
+def checkpoint(glip, tmp_path_factory):
+    return glip.save(tmp_path_factory.mktemp("glip") / "glip.safetensors", preset="glip-synthetic")
+
+
+def test_detect_and_ground_from_the_cli_equal_the_api(checkpoint, scene, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene).save(image)
+    out = tmp_path / "out"
+    assert main(["--quiet", "ground", str(image), "--caption", "a red square left of a blue square",
+                 "--method", "glip", "--checkpoint", str(checkpoint), "--threshold", "0", "--output", str(out)]) == 0
+    written = json.loads((out / "scene.json").read_text())
+    assert (out / "scene_boxes.png").is_file()
+    assert written["caption"] == "a red square left of a blue square"
+    assert [p["phrase"] for p in written["phrases"]] == ["a red square", "a blue square"]
+    assert [p["spans"] for p in written["phrases"]] == [[[0, 12]], [[21, 34]]]
+    predictor = GroundingPredictor(GLIPDetector.from_checkpoint(checkpoint), "glip-synthetic")
+    predictor.set_image(str(image))
+    api = predictor.ground("a red square left of a blue square").above(0)
+    assert [p["boxes"] for p in api.summary()["phrases"]] == [p["boxes"] for p in written["phrases"]]
+    for phrase in written["phrases"]:
+        for box in phrase["boxes"]:
+            b = box["box"]
+            assert 0 <= b["xmin"] <= b["xmax"] <= 128 and 0 <= b["ymin"] <= b["ymax"] <= 96
+    assert main(["--quiet", "detect", str(image), "--classes", "red square, blue square", "--method", "glip",
+                 "--checkpoint", str(checkpoint), "--threshold", "0", "--output", str(out)]) == 0
+    detected = json.loads((out / "scene.json").read_text())
+    assert detected["classes"] == ["red square", "blue square"] and detected["method"] == "glip"
+    assert detected["detections"] == predictor(str(image), "red square, blue square").to_list()
+
+
+def test_ground_rejects_bad_requests_clearly(checkpoint, scene, tmp_path, capsys):
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene).save(image)
+    base = ["--quiet", "ground", str(image), "--method", "glip", "--checkpoint", str(checkpoint), "--output",
+            str(tmp_path / "o")]
+    assert main(base + ["--caption", "   "]) == 2
+    assert main(base + ["--caption", "a red square", "--phrases", "green bar"]) == 1
+    assert "not in the caption" in capsys.readouterr().err
+    assert main(base + ["--caption", "word " * 100]) == 1
+    assert "tokens long" in capsys.readouterr().err
