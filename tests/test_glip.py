@@ -276,3 +276,76 @@ def test_ground_rejects_bad_requests_clearly(checkpoint, scene, tmp_path, capsys
     assert "not in the caption" in capsys.readouterr().err
     assert main(base + ["--caption", "word " * 100]) == 1
     assert "tokens long" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- grounding recall and pseudo-labels
+class _FixedGrounder:
+    """A stand-in predictor: for each caption, the boxes given for its phrases (best first)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, answers):
+        self.answers, self.images = answers, []
+
+    def set_image(self, image):
+        self.images.append(str(image))
+
+    def ground_prompt(self, prompt):
+        from ovdense.detection.structures import GroundingResult
+        boxes, scores, labels = [], [], []
+        for label, found in enumerate(self.answers[prompt.caption]):
+            for rank, box in enumerate(found):
+                boxes.append(box)
+                scores.append(0.9 - 0.1 * rank)
+                labels.append(label)
+        return GroundingResult(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(scores),
+                               torch.tensor(labels, dtype=torch.long), prompt.phrases, (64, 64),
+                               caption=prompt.caption, spans=prompt.spans)
+
+
+def _grounding_file(tmp_path):
+    records = [
+        {"image": "a.png", "caption": "a red star above a blue circle",
+         "phrases": [{"text": "red star", "span": [2, 10], "category": "star", "boxes": [[0, 0, 10, 10]]},
+                     {"text": "blue circle", "span": [19, 30], "category": "circle", "boxes": [[20, 20, 40, 40]]}]},
+        {"image": "a.png", "caption": "a heart on sand",
+         "phrases": [{"text": "heart", "span": [2, 7], "category": "heart", "boxes": [[5, 5, 25, 25]]},
+                     {"text": "sand", "span": [11, 15], "category": "sand", "boxes": []}]},
+    ]
+    path = tmp_path / "grounding_val.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "world.json").write_text(json.dumps({"stuff": ["sand"], "base": ["star", "circle"],
+                                                     "novel": ["heart"]}))
+    return path
+
+
+def test_grounding_recall_counts_each_boxed_phrase_at_each_k(tmp_path):
+    from ovdense.eval.grounding import evaluate_grounding
+    far, off = [50, 50, 60, 60], [0, 0, 30, 30]  # IoU 0 with everything here; IoU 0.44 with the heart
+    answers = {"a red star above a blue circle": [[[1, 1, 10, 10]], [far] * 5 + [[21, 20, 40, 40]]],
+               "a heart on sand": [[off], []]}
+    metrics = evaluate_grounding(_FixedGrounder(answers), _grounding_file(tmp_path), progress=False)
+    # the star is found at rank 1, the circle at rank 6, the heart never (IoU 0.44); the sand has no boxes
+    assert metrics["phrases"] == 3 and metrics["phrases_base"] == 2 and metrics["phrases_novel"] == 1
+    assert metrics["R@1"] == pytest.approx(100 / 3) and metrics["R@5"] == pytest.approx(100 / 3)
+    assert metrics["R@10"] == pytest.approx(200 / 3) and metrics["R@any"] == pytest.approx(200 / 3)
+    assert metrics["R@1_base"] == 50 and metrics["R@10_base"] == 100 and metrics["R@any_novel"] == 0
+
+
+def test_pseudo_labels_keep_confident_boxes_and_drop_captions_without_any(tmp_path):
+    from ovdense.engine.glip_train import grounding_items, pseudo_label
+    answers = {"a red star above a blue circle": [[[1, 1, 10, 10], [2, 2, 9, 9]], []],
+               "a heart on sand": [[], []]}
+    grounder = _FixedGrounder(answers)
+    out = tmp_path / "pseudo" / "pseudo.jsonl"
+    out.parent.mkdir()
+    counts = pseudo_label(grounder, _grounding_file(tmp_path), out, threshold=0.85, progress=False)
+    assert counts == {"captions": 2, "kept": 1, "boxes": 1}  # 0.9 kept, 0.8 not; the heart caption has none
+    record = json.loads(out.read_text())
+    assert record["image"] == "../a.png" and record["caption"] == "a red star above a blue circle"
+    assert record["phrases"][0]["boxes"] == [[1.0, 1.0, 10.0, 10.0]] and record["phrases"][1]["boxes"] == []
+    assert grounding_items(out) == []  # an unboxed phrase: not gold
+    item = grounding_items(out, allow_unboxed=True)[0]
+    assert item.boxes == [[1.0, 1.0, 10.0, 10.0]] and item.spans == [[(2, 10)]]
+    skipped = pseudo_label(grounder, _grounding_file(tmp_path), out, threshold=0.85, skip_boxed=True, progress=False)
+    assert skipped["captions"] == 1  # only the caption with an unboxed phrase

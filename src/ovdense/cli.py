@@ -351,6 +351,21 @@ def cmd_ground(args) -> int:
     return _each_image(paths, len(unmatched), out_dir, "ground", args.quiet, ground)
 
 
+def cmd_pseudo_label(args) -> int:
+    """A teacher GLIP grounds captions' phrases; its confident boxes become grounding data for a student."""
+    from .engine.glip_train import pseudo_label
+    from .io import check_output_file
+    if not 0 <= args.threshold < 1:
+        raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
+    check_output_file(args.output)
+    predictor, _ = _build_detection_predictor(args)
+    counts = pseudo_label(predictor, args.captions, args.output, args.threshold, args.skip_boxed, args.chunker,
+                          progress=not args.quiet)
+    print(f"{counts['kept']} of {counts['captions']} captions kept with {counts['boxes']} boxes above "
+          f"{args.threshold} -> {args.output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
     from .data.synthetic import SyntheticWorld
@@ -472,6 +487,32 @@ def cmd_eval_detection(args) -> int:
     return 0
 
 
+def cmd_eval_grounding(args) -> int:
+    import json
+
+    from .io import check_output_file, write_text_atomic
+    if args.method != "glip":
+        raise UsageError(f"--grounding evaluates phrase grounding: --method glip, not {args.method}")
+    if args.output:
+        check_output_file(args.output)
+    import torch.distributed as dist
+
+    from .eval.grounding import evaluate_grounding
+    predictor, described = _build_detection_predictor(args)
+    metrics = evaluate_grounding(predictor, args.grounding, limit=args.limit, progress=not args.quiet)
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    if args.output:
+        report = {"grounding": str(args.grounding), **described, "metrics": metrics}
+        write_text_atomic(args.output, json.dumps(report, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     import json
 
@@ -480,8 +521,11 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.annotations:
         return cmd_eval_detection(args)
+    if args.grounding:
+        return cmd_eval_grounding(args)
     if args.dataset is None or args.root is None:
-        raise UsageError("give --dataset and --root (segmentation) or --annotations (a COCO / LVIS JSON, detection)")
+        raise UsageError("give --dataset and --root (segmentation), --annotations (a COCO / LVIS JSON, detection) or "
+                         "--grounding (a grounding JSONL)")
     if args.method in DETECTION_METHODS or args.preset in DETECTION_PRESETS:
         raise UsageError(f"{args.method if args.method in DETECTION_METHODS else args.preset} is for detection: "
                          "evaluate it with --annotations FILE")
@@ -670,12 +714,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detector_args(gr, methods=("glip",))
     gr.set_defaults(func=cmd_ground)
 
+    pl = sub.add_parser("pseudo-label", formatter_class=_Formatter,
+                        help="ground captions with a teacher GLIP and write its boxes as grounding data (self-training)")
+    pl.add_argument("captions", help="a grounding JSONL (its phrase spans are used) or a captions JSONL ({image, "
+                                     "caption}: phrases by --chunker)")
+    pl.add_argument("--output", required=True, help="the grounding JSONL to write (images relative to it)")
+    pl.add_argument("--threshold", type=float, default=0.5, help="keep boxes scoring above this; a caption with "
+                                                                 "none is dropped")
+    pl.add_argument("--skip-boxed", action="store_true", help="leave out captions whose phrases all have boxes")
+    pl.add_argument("--chunker", choices=CHUNKERS, default="auto", help="noun phrases of plain captions")
+    _add_detector_args(pl, methods=("glip",))
+    pl.set_defaults(func=cmd_pseudo_label)
+
     ev = sub.add_parser("eval", formatter_class=_Formatter,
                         help="mIoU of a segmenter on a standard dataset, or AP of a detector on COCO / LVIS JSON")
     ev.add_argument("--dataset", choices=DATASETS, help="segmentation: the dataset")
     ev.add_argument("--root", help="segmentation: dataset folder (see ovdense.data.datasets for layouts)")
     ev.add_argument("--annotations", help="detection: a COCO-format or LVIS v1 instances JSON")
     ev.add_argument("--images", help="detection: the image folder (default: the JSON's folder)")
+    ev.add_argument("--grounding", help="grounding: a JSONL of captions with phrase spans and boxes (Recall@1/5/10, "
+                                        "Flickr30k Entities' protocol)")
     ev.add_argument("--protocol", choices=DETECTION_PROTOCOLS, help="detection metrics (default: lvis for LVIS, "
                                                                     "ov-coco when the classes have a base/novel split)")
     ev.add_argument("--fixed-ap", action="store_true", help="LVIS: Fixed AP (10,000 per class, no per-image cap)")

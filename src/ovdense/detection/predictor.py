@@ -181,11 +181,15 @@ class GroundingPredictor:
     def ground(self, caption: str, phrases: list[str] | None = None, chunker: str = "auto", **overrides
                ) -> GroundingResult:
         """The boxes of each phrase of `caption`: the given `phrases` (found in the caption) or its noun phrases."""
-        protocol = self.protocol.updated(**overrides)
         prompt = caption_prompt(caption, phrases, chunker)
         if not prompt.spans:
             raise InputError(f"no noun phrase found in {caption!r}: name the phrases to ground")
-        boxes, scores, labels = self._boxes(prompt, protocol)
+        return self.ground_prompt(prompt, **overrides)
+
+    @torch.no_grad()
+    def ground_prompt(self, prompt: GroundingPrompt, **overrides) -> GroundingResult:
+        """The boxes of each phrase of a prompt whose phrases' character spans are known (grounding datasets)."""
+        boxes, scores, labels = self._boxes(prompt, self.protocol.updated(**overrides))
         return GroundingResult(boxes, scores, labels, prompt.phrases, tuple(self._image["rgb"].shape[:2]),
                                image=self._image["rgb"], caption=prompt.caption, spans=prompt.spans)
 

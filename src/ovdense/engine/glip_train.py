@@ -236,3 +236,60 @@ def train_glip(recipe: GLIPRecipe, out_dir, device: str = "cpu", resume: bool = 
     trainer.fit(resume=resume, max_steps=max_steps)
     done = _finish(trainer, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
     return model.eval(), export if done else None
+
+
+# ------------------------------------------------------------------------------------------ pseudo-labels
+def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float = 0.5, skip_boxed: bool = False,
+                 chunker: str = "auto", progress: bool = True) -> dict[str, int]:
+    """GLIP's self-training data: a teacher (a GroundingPredictor) grounds the phrases of captions and keeps its boxes
+    scoring above `threshold`; a caption where it keeps none is dropped (at least one box per caption).
+
+    path: a grounding JSONL (its phrase spans are used, its boxes ignored) or a captions JSONL ({"image", "caption"}:
+    phrases by `chunker`). skip_boxed: leave out captions whose phrases all have boxes already (gold data).
+    Writes `out` (a grounding JSONL, images relative to it) atomically; returns counts of captions read, kept and
+    boxes written.
+    """
+    from tqdm import tqdm
+
+    from ..detection.grounding import GroundingPrompt, caption_prompt
+    from ..io import write_text_atomic
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise InputError(f"caption file {path} does not exist")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines, counts, last = [], {"captions": 0, "kept": 0, "boxes": 0}, None
+    for record in tqdm(records, desc="pseudo-label", disable=not progress, unit="cap"):
+        phrases = record.get("phrases")
+        if skip_boxed and phrases is not None and all(p["boxes"] for p in phrases):
+            continue
+        counts["captions"] += 1
+        if phrases is None:
+            prompt = caption_prompt(record["caption"], chunker=chunker)
+        else:
+            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases],
+                                     [[tuple(p["span"])] for p in phrases])
+        if not prompt.spans:
+            continue
+        image = path.parent / record["image"]
+        if image != last:
+            predictor.set_image(image)
+            last = image
+        result = predictor.ground_prompt(prompt).above(threshold)
+        if not len(result):
+            continue
+        found = [{"text": text, "span": list(spans[0]), "boxes": [], "scores": []}
+                 for text, spans in zip(prompt.phrases, prompt.spans)]
+        for box, score, label in zip(result.boxes.tolist(), result.scores.tolist(), result.labels.tolist()):
+            found[label]["boxes"].append([round(v, 2) for v in box])
+            found[label]["scores"].append(round(score, 4))
+        relative = Path(_relative(image, out.parent))
+        lines.append(json.dumps({"image": str(relative), "caption": prompt.caption, "phrases": found}))
+        counts["kept"] += 1
+        counts["boxes"] += len(result)
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    return counts
+
+
+def _relative(path: Path, folder: Path) -> str:
+    import os
+    return os.path.relpath(path.resolve(), folder.resolve())

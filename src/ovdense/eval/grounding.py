@@ -1,0 +1,111 @@
+"""Phrase-grounding recall, Flickr30k Entities' protocol as GLIP's `flickr_eval.py` computes it (ANY-box).
+
+Each phrase with ground-truth boxes counts once per caption: it is recalled at k when one of its k best-scoring
+predicted boxes has IoU >= 0.5 with any of its boxes (GLIP's default 'separate' boxes; a phrase without a prediction
+is a miss). R@any: any of its predictions (GLIP's upper bound). Groups: a phrase's "type" (Flickr's phrase types) or,
+for ovdense's synthetic world (a world.json beside the file), base / novel things and stuff.
+
+Input: grounding JSONL as `ovdense.data.export` writes it: {"image", "caption", "phrases": [{"text", "span": [s, e],
+"boxes": [[x0, y0, x1, y1], ...], "type"?}]}; images relative to the file.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from ..detection.grounding import GroundingPrompt
+from ..distributed import init_distributed
+from ..errors import InputError
+
+KS = (1, 5, 10)
+IOU = 0.5
+
+
+def read_grounding(path: str | Path) -> tuple[list[dict], dict[str, str]]:
+    """The records of a grounding JSONL file (phrase spans checked against their captions) and, when a synthetic
+    world.json lies beside it, each thing or stuff name's group ('base', 'novel', 'stuff')."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"grounding file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            for phrase in record["phrases"]:
+                start, end = phrase["span"]
+                if not 0 <= start < end <= len(record["caption"]):
+                    raise ValueError(f"span {start}:{end} is outside the caption")
+            record["image"] = str(path.parent / record["image"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{path}:{number}: not a grounding record ({error})") from error
+        records.append(record)
+    groups = {}
+    world = path.parent / "world.json"
+    if world.is_file():
+        info = json.loads(world.read_text(encoding="utf-8"))
+        groups = {**{n: "stuff" for n in info["stuff"]}, **{n: "base" for n in info["base"]},
+                  **{n: "novel" for n in info["novel"]}}
+    return records, groups
+
+
+def phrase_hits(predicted: torch.Tensor, truth: torch.Tensor, ks=KS) -> list[bool]:
+    """predicted (N, 4) boxes best first, truth (G, 4) -> for each k of `ks` and then 'any', whether one of the k best
+    predictions overlaps a true box at IoU >= 0.5."""
+    if not len(predicted):
+        return [False] * (len(ks) + 1)
+    good = box_iou(predicted, truth).amax(dim=1) >= IOU
+    return [bool(good[:k].any()) for k in ks] + [bool(good.any())]
+
+
+def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, progress: bool = True) -> dict:
+    """R@1, R@5, R@10 and R@any (percent) of `predictor` (a GroundingPredictor) over the phrases of the first `limit`
+    captions of a grounding file, overall and per group (e.g. 'R@1_novel'), with the phrase counts. Under torchrun
+    each rank takes every WORLD_SIZE-th caption."""
+    records, groups = read_grounding(path)
+    records = records[:limit]
+    rank, world = init_distributed()
+    rows = []  # (group, hits)
+    last_image = None
+    for record in tqdm(records[rank::world], desc="eval grounding", disable=not progress or rank != 0, unit="cap"):
+        phrases = record["phrases"]
+        prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases],
+                                 [[tuple(p["span"])] for p in phrases])
+        if record["image"] != last_image:
+            predictor.set_image(record["image"])
+            last_image = record["image"]
+        result = predictor.ground_prompt(prompt)
+        for index, phrase in enumerate(phrases):
+            if not phrase["boxes"]:
+                continue
+            mine = result.boxes[result.labels == index]  # best first
+            group = phrase.get("type") or groups.get(phrase.get("category"), "")
+            rows.append((group, phrase_hits(mine, torch.tensor(phrase["boxes"], dtype=torch.float32))))
+    if world > 1:
+        gathered = [None] * world
+        with torch.cuda.device(predictor.device) if predictor.device.type == "cuda" else nullcontext():
+            dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    if not rows:
+        raise InputError(f"{path}: no phrase with boxes to evaluate")
+    by_group = defaultdict(list)
+    for group, hits in rows:
+        by_group[""].append(hits)
+        if group:
+            by_group[group].append(hits)
+    metrics = {}
+    names = [f"R@{k}" for k in KS] + ["R@any"]
+    for group, hits in sorted(by_group.items()):
+        suffix = f"_{group}" if group else ""
+        for i, name in enumerate(names):
+            metrics[name + suffix] = 100.0 * sum(h[i] for h in hits) / len(hits)
+        metrics["phrases" + suffix] = len(hits)
+    return metrics
