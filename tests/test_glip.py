@@ -349,3 +349,18 @@ def test_pseudo_labels_keep_confident_boxes_and_drop_captions_without_any(tmp_pa
     assert item.boxes == [[1.0, 1.0, 10.0, 10.0]] and item.spans == [[(2, 10)]]
     skipped = pseudo_label(grounder, _grounding_file(tmp_path), out, threshold=0.85, skip_boxed=True, progress=False)
     assert skipped["captions"] == 1  # only the caption with an unboxed phrase
+
+
+def test_prompt_tuning_trains_only_a_zero_table_added_to_the_tokens(glip, tmp_path):
+    tuned = GLIPDetector.from_checkpoint(glip.save(tmp_path / "g.safetensors"))
+    text = tuned.tokenize(["heart. red star"])
+    levels = tuned.embed_image(torch.randn(1, 3, 64, 64))
+    before = tuned.head(levels, text)["logits"]
+    tuned.tune_prompts()
+    assert [n for n, p in tuned.named_parameters() if p.requires_grad] == ["prompt_table"]
+    assert torch.equal(tuned.head(levels, text)["logits"], before)  # zero at the start
+    with torch.no_grad():
+        tuned.prompt_table[2] = torch.randn(tuned.text.width)
+    assert not torch.allclose(tuned.head(levels, text)["logits"], before)
+    reloaded = GLIPDetector.from_checkpoint(tuned.save(tmp_path / "tuned.safetensors"))
+    assert torch.equal(reloaded.prompt_table, tuned.prompt_table)

@@ -293,7 +293,7 @@ def _build_detection_predictor(args, score_threshold: float | None = None):
         nms=getattr(args, "nms", None), iou_threshold=getattr(args, "iou_threshold", None),
         max_detections=getattr(args, "max_detections", None), score_threshold=score_threshold)
     from dataclasses import asdict
-    described = {"method": args.method, "model": detector.clip.name, "weights": detector.clip.weights,
+    described = {"method": args.method, "model": detector.backbone.name, "weights": detector.backbone.weights,
                  "checkpoint": args.checkpoint, "protocol": asdict(protocol)}
     grounding = args.method == "glip"
     return (GroundingPredictor if grounding else DetectionPredictor)(detector, protocol), described
@@ -408,7 +408,32 @@ def cmd_demo(args) -> int:
           "demo_scene_labels.png, demo_scene.json")
     if shipped:
         _demo_detection(args, world, out_dir)
+        _demo_grounding(args, world, out_dir)
     return 0
+
+
+def _demo_grounding(args, world, out_dir: Path) -> None:
+    """The demo's third part: the shipped GLIP grounds the phrases of one of the scene's captions, each checked
+    against its exact box."""
+    from . import demo
+    from .methods import PACKAGED_DETECTORS
+    if not PACKAGED_DETECTORS[("glip", "synthetic")][0].is_file():
+        return
+    grounding_args = argparse.Namespace(**{**vars(args), "method": "glip", "checkpoint": None, "weights": "synthetic",
+                                           "preset": None})
+    predictor, described = _build_detection_predictor(grounding_args)
+    check = demo.run_grounding_demo(predictor, world, args.scene, out_dir, args.zoom, described)
+    print(f"\ngrounding: glip (shipped checkpoint, model {predictor.detector.backbone.name}), caption "
+          f"{check['caption']!r}; each phrase, and its best box against its exact box:")
+    for phrase in check["phrases"]:
+        found = phrase["found"]
+        shown = (f"score {found['score']:.2f}, IoU {found['iou']:.2f}  {'right' if found['correct'] else 'WRONG'}"
+                 if found else "no box  MISSED")
+        novel = " (novel)" if phrase["category"] in world.novel else ""
+        print(f"  {phrase['phrase']:<22}{novel:<9}-> {shown}")
+    right = sum(bool(p["found"] and p["found"]["correct"]) for p in check["phrases"])
+    print(f"phrases grounded right {right} of {len(check['phrases'])}")
+    print(f"wrote {out_dir}/demo_scene_grounding_boxes.png, demo_scene_grounding.json")
 
 
 def _demo_detection(args, world, out_dir: Path) -> None:

@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from .data.export import scene_index
-from .data.synthetic import Scene, SyntheticWorld
-from .detection.structures import DetectionResult
+from .data.synthetic import Caption, Scene, SyntheticWorld
+from .detection.structures import DetectionResult, GroundingResult
 from .io import atomic_path
 from .predictor import SegmentationResult
 from .visualize import overlay
@@ -149,4 +149,46 @@ def run_detection_demo(predictor, world: SyntheticWorld, index: int, vocabulary,
     zoomed = DetectionResult(shown.boxes * zoom, shown.scores, shown.labels, shown.class_names, picture.shape[:2],
                              picture)
     zoomed.save(out_dir, "demo_scene_detection", metadata={**(metadata or {}), "scene": index, "check": check})
+    return check
+
+
+def grounding_caption(scene: Scene) -> Caption:
+    """The scene caption naming the most things (the first of those)."""
+    return max(scene.captions, key=lambda c: sum(bool(p.objects) for p in c.phrases))
+
+
+def check_grounding(result: GroundingResult, caption: Caption) -> dict:
+    """Each phrase's best box (its top-1, as Recall@1) against its exact boxes: score, IoU with the closest exact box,
+    right when IoU >= 0.5 (None when the phrase got no box)."""
+    phrases = []
+    for index, phrase in enumerate(caption.phrases):
+        mine = result.labels == index
+        best = None
+        if mine.any():
+            k = int(mine.nonzero()[0, 0])  # results are sorted best first
+            iou = float(box_iou(result.boxes[k:k + 1], torch.tensor(phrase.boxes, dtype=torch.float32)).max())
+            best = {"box": [round(v, 1) for v in result.boxes[k].tolist()], "score": float(result.scores[k]),
+                    "iou": iou, "correct": iou >= 0.5}
+        phrases.append({"phrase": phrase.text, "category": phrase.category, "box": phrase.boxes[0], "found": best})
+    return {"caption": caption.text, "phrases": phrases}
+
+
+def run_grounding_demo(predictor, world: SyntheticWorld, index: int, out_dir: Path, zoom: int = 4,
+                       metadata: dict | None = None) -> dict:
+    """Ground the phrases of val scene `index`'s richest caption (their exact spans); write
+    demo_scene_grounding_boxes.png (each phrase's best box, `zoom` x larger) and demo_scene_grounding.json (all boxes
+    and the check of `check_grounding`); returns the check."""
+    from .detection.grounding import GroundingPrompt
+    scene = world.scene(scene_index("val", index))
+    caption = grounding_caption(scene)
+    predictor.set_image(scene.image)
+    prompt = GroundingPrompt(caption.text, [p.text for p in caption.phrases], [[p.span] for p in caption.phrases])
+    result = predictor.ground_prompt(prompt)
+    check = check_grounding(result, caption)
+    best = torch.tensor([int((result.labels == p).nonzero()[0, 0]) for p in range(len(caption.phrases))
+                         if (result.labels == p).any()], dtype=torch.long)
+    picture = scene.image.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    zoomed = GroundingResult(result.boxes[best] * zoom, result.scores[best], result.labels[best], result.class_names,
+                             picture.shape[:2], picture, result.caption, result.spans)
+    zoomed.save(out_dir, "demo_scene_grounding", metadata={**(metadata or {}), "scene": index, "check": check})
     return check

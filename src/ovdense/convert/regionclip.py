@@ -22,19 +22,19 @@ _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_fi
 _BN_STATS = ("running_mean", "running_var")
 
 
-def read_official(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of an official .pth (without running any pickled code)."""
+def read_official(path: str | Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """The state dict under `key` of an official .pth (without running any pickled code)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; the released RegionCLIP checkpoints are listed in the official "
-                              "repository's MODEL_ZOO.md")
+        raise CheckpointError(f"{path} does not exist; the released checkpoints are listed in the official "
+                              "repositories' MODEL_ZOO.md / README.md")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
-        raise CheckpointError(f"{path} is not a readable detectron2 checkpoint ({error})") from error
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+    state = checkpoint.get(key, checkpoint if key == "model" else None) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state dict of tensors under 'model'")
+        raise CheckpointError(f"{path} holds no state dict of tensors under {key!r}")
     return state
 
 

@@ -123,9 +123,8 @@ class GroundingPredictor:
         """Read `image` (path, PIL image or (H, W[, C]) array), resize it (the protocol's short / max size), pad it
         to a multiple of 32 and compute its FPN levels."""
         rgb = load_image(image, **({"max_pixels": self.max_pixels} if self.max_pixels else {}))
-        clip = self.detector.clip
-        pixels = prepare_image(rgb, self.protocol.short, self.protocol.max_size, clip.image_mean, clip.image_std,
-                               self.device)
+        pixels = prepare_image(rgb, self.protocol.short, self.protocol.max_size, self.detector.image_mean,
+                               self.detector.image_std, self.device)
         levels = self.detector.embed_image(pad_batch([pixels], 32))
         self._image = {"rgb": rgb, "levels": levels, "size": tuple(pixels.shape[1:])}
 

@@ -207,10 +207,13 @@ def _training_items(data: dict) -> tuple[list[GroundingItem], list[str]]:
 
 def build_glip(recipe: GLIPRecipe, device: str) -> GLIPDetector:
     if recipe.init:
-        model = GLIPDetector.from_checkpoint(recipe.init, device=device, **recipe.method)
-        if (model.clip.name, model.clip.weights) != (recipe.model, recipe.weights):
-            raise InputError(f"init: {recipe.init} is built on {model.clip.identity}, not {recipe.model}/"
-                             f"{recipe.weights}")
+        method = {k: v for k, v in recipe.method.items() if k != "prompt_tuning"}
+        model = GLIPDetector.from_checkpoint(recipe.init, device=device, **method)
+        if recipe.method.get("prompt_tuning"):
+            model.tune_prompts()
+        if (model.backbone.name, model.backbone.weights) != (recipe.model, recipe.weights):
+            raise InputError(f"init: {recipe.init} is built on {model.backbone.name}/{model.backbone.weights}, not "
+                             f"{recipe.model}/{recipe.weights}")
         return model.train()
     clip = load_clip(recipe.model, recipe.weights, device=device)
     with seeded(recipe.train_config().seed):
@@ -224,9 +227,8 @@ def train_glip(recipe: GLIPRecipe, out_dir, device: str = "cpu", resume: bool = 
     data = recipe.data
     with within(f"{recipe.source or 'GLIPRecipe'}: data."):
         items, pool = _training_items(data)
-    clip = model.clip
     dataset = GroundingTrainingSet(items, pool, model.count_tokens, model.max_tokens, data.get("short", 800),
-                                   data.get("max_size", 1333), clip.image_mean, clip.image_std,
+                                   data.get("max_size", 1333), model.image_mean, model.image_std,
                                    data.get("negatives", 85), config.seed)
     run = {"method": "glip", "recipe": recipe.source,
            "model": {"model": recipe.model, "weights": recipe.weights, "init": recipe.init, "method": model.config}}

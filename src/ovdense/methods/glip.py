@@ -20,7 +20,8 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..backbones import CLIPBackbone
+from ..backbones import CLIPBackbone, load_clip
+from ..errors import InputError
 from ..detection import atss
 from ..text.tokens import BertTokenText, CLIPTokenText, TokenizedText
 from .base import TrainedModel
@@ -32,6 +33,7 @@ PRIOR = 0.01
 CLAMP = 50000.0
 PRE_NMS_THRESHOLD = 0.05  # a phrase's score must pass this before centerness (ATSS.INFERENCE_TH)
 PRE_NMS_TOP_N = 1000  # candidates kept per level and image
+PROMPT_ROWS = 1000  # rows of the prompt-tuning table (GLIP's tunable_linear: Linear(768, 1000))
 
 
 def clamp(x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,32 @@ class CLIPPyramid(nn.Module):
         height, width = images.shape[-2:]
         return [F.interpolate(tokens, size=(-(-height // s), -(-width // s)), mode="bilinear", align_corners=False)
                 for s in STRIDES[:3]]
+
+
+class SwinPyramid(nn.Module):
+    """GLIP-T's backbone: timm's Swin-T (patch 4, window 7, depths 2-2-6-2), stages 2-4 (strides 8, 16, 32; 192, 384,
+    768 channels), each stage output layer-normed (GLIP's norm1..3), any input size (padded to the windows). Input:
+    RGB normalised with ImageNet's mean / std (the converter turns GLIP's BGR 0-255 patch embedding into this)."""
+
+    image_mean = (0.485, 0.456, 0.406)
+    image_std = (0.229, 0.224, 0.225)
+    channels = [192, 384, 768]
+
+    def __init__(self, frozen: bool = False, drop_path: float = 0.2):
+        super().__init__()
+        try:
+            import timm
+        except ImportError as error:
+            raise InputError("the Swin-T backbone needs timm: pip install 'ovdense[glip]'") from error
+        self.swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True,
+                                      out_indices=(1, 2, 3), strict_img_size=False, dynamic_img_size=True,
+                                      drop_path_rate=drop_path)
+        self.norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
+        self.requires_grad_(not frozen)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> [(B, C_i, ceil(H / s), ceil(W / s)) for s in 8, 16, 32]."""
+        return [norm(x).permute(0, 3, 1, 2) for norm, x in zip(self.norms, self.swin(images))]
 
 
 # -------------------------------------------------------------------------------------------------- fusion
@@ -245,6 +273,15 @@ class Scale(nn.Module):
         return x * self.scale
 
 
+class _NoCLIP:
+    """What a GLIP-T file records as its CLIP: none (Swin-T and BERT travel in the file)."""
+
+    name = weights = "none"
+
+
+_NO_CLIP = _NoCLIP()
+
+
 # ---------------------------------------------------------------------------------------------- the model
 def token_focal_loss(logits: torch.Tensor, targets: torch.Tensor, text_mask: torch.Tensor, alpha: float = 0.25,
                      gamma: float = 2.0) -> torch.Tensor:
@@ -268,31 +305,38 @@ def _mean_over_ranks(value: float) -> float:
 
 
 class GLIPDetector(TrainedModel, nn.Module):
-    """GLIP on an open_clip image tower (or any module giving C3-C5 maps) and a token text encoder.
+    """GLIP on an open_clip image tower or Swin-T, and a token text encoder (the CLIP's text tower or BERT).
 
-    clip: the CLIP whose image tower is the backbone and, with text='clip', whose text tower encodes prompts.
+    clip: the CLIP whose image tower is the backbone (image='clip') and whose text tower encodes prompts (text='clip');
+        None for GLIP-T itself (image='swin-t', text='bert').
     channels: FPN / head width (256 in GLIP-T). layers: fusion + conv layers (6). fusion: deep fusion on/off.
     fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers.
-    text: 'clip' or 'bert' (GLIP's bert-base-uncased, `text_source` names it). deformable: DyHead's deformable
-    convs. train_backbone / train_text: fine-tune the image / text towers (GLIP fine-tunes both).
+    text_source: the BERT (a Hugging Face name or folder); pretrained_text: load its weights (False when they come
+    from a GLIP checkpoint). deformable: DyHead's deformable convs. train_backbone / train_text: fine-tune the
+    towers (GLIP fine-tunes both). prompt_tuning: GLIP's `language_prompt_v2`: a zero-initialised table (one row per
+    token position) added to the token features, everything else frozen.
     """
 
     name = "glip"
 
-    def __init__(self, clip: CLIPBackbone, channels: int = 256, layers: int = 6, fusion: bool = True,
+    def __init__(self, clip: CLIPBackbone | None, channels: int = 256, layers: int = 6, fusion: bool = True,
                  fusion_dim: int = 2048, fusion_heads: int = 8, text_heads: int = 12, groups: int = 16,
-                 text: str = "clip", text_source: str = "bert-base-uncased", deformable: bool = True,
-                 train_backbone: bool = True, train_text: bool = True, topk: int = 9, dropout: float = 0.1):
+                 image: str = "clip", text: str = "clip", text_source: str = "bert-base-uncased",
+                 pretrained_text: bool = True, deformable: bool = True, train_backbone: bool = True,
+                 train_text: bool = True, topk: int = 9, dropout: float = 0.1, prompt_tuning: bool = False):
         super().__init__()
         self.config = {"channels": channels, "layers": layers, "fusion": fusion, "fusion_dim": fusion_dim,
-                       "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "text": text,
-                       "text_source": text_source, "deformable": deformable, "train_backbone": train_backbone,
-                       "train_text": train_text, "topk": topk, "dropout": dropout}
-        if text not in ("clip", "bert"):
-            raise ValueError(f"text must be 'clip' or 'bert', got {text!r}")
-        self.clip = clip = copy.deepcopy(clip).requires_grad_(False)  # fine-tuned here, the caller's stays as it was
-        self.image = CLIPPyramid(clip, frozen=not train_backbone)
-        self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source)
+                       "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "image": image,
+                       "text": text, "text_source": text_source, "deformable": deformable,
+                       "train_backbone": train_backbone, "train_text": train_text, "topk": topk, "dropout": dropout,
+                       "prompt_tuning": prompt_tuning}
+        if image not in ("clip", "swin-t") or text not in ("clip", "bert"):
+            raise InputError(f"image must be 'clip' or 'swin-t' and text 'clip' or 'bert', got {image!r}, {text!r}")
+        if clip is None and "clip" in (image, text):
+            raise InputError("image='clip' or text='clip' needs a CLIP")
+        self.clip = clip = copy.deepcopy(clip).requires_grad_(False) if clip is not None else None  # fine-tuned here
+        self.image = CLIPPyramid(clip, not train_backbone) if image == "clip" else SwinPyramid(not train_backbone)
+        self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source, pretrained=pretrained_text)
         self.text.trainable(train_text)
         self.fpn = FeaturePyramidNetwork(self.image.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
         width = self.text.width
@@ -313,10 +357,58 @@ class GLIPDetector(TrainedModel, nn.Module):
         self.bias_lang = nn.Parameter(torch.zeros(width))
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - PRIOR) / PRIOR)]))
         self.topk = topk
+        self.prompt_table = None
+        if prompt_tuning:
+            self.tune_prompts()
+
+    def tune_prompts(self) -> None:
+        """Switch to GLIP's prompt tuning (`language_prompt_v2`): everything frozen but a new zero table added to the
+        token features, one row per token position."""
+        self.requires_grad_(False)
+        self.prompt_table = nn.Parameter(torch.zeros(PROMPT_ROWS, self.text.width, device=self.bias0.device))
+        self.config["prompt_tuning"] = True
+
+    def train(self, mode: bool = True) -> "GLIPDetector":
+        super().train(mode)
+        if self.prompt_table is not None:  # GLIP runs the frozen head in eval mode (no dropout) when prompt-tuning
+            for module in self.children():
+                module.eval()
+        return self
 
     @property
-    def backbone(self) -> CLIPBackbone:
-        return self.clip
+    def image_mean(self) -> tuple[float, ...]:
+        return self.clip.image_mean if self.config["image"] == "clip" else self.image.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return self.clip.image_std if self.config["image"] == "clip" else self.image.image_std
+
+    @property
+    def backbone(self):
+        """The CLIP the model was built on (recorded in saved files), or a stand-in named 'none' for GLIP-T."""
+        return self.clip if self.clip is not None else _NO_CLIP
+
+    @property
+    def saved_prefixes(self) -> tuple[str, ...]:
+        """Towers that no CLIP restores are saved whole, trained or frozen: Swin-T and BERT."""
+        return (("image.",) if self.config["image"] == "swin-t" else ()) + \
+            (("text.model.",) if self.config["text"] == "bert" else ())
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu", weights: str | None = None, **overrides) -> "GLIPDetector":
+        """As TrainedModel's; a GLIP-T file (no CLIP) builds Swin-T and BERT from their configs, the file holding their
+        weights."""
+        from ..engine.trainer import load_trained_state
+        from .base import read_trained
+        metadata, state = read_trained(path)
+        if metadata["method"] != cls.name:
+            return super().from_checkpoint(path, device, weights, **overrides)  # its clear error
+        clip = None if metadata["model"] == _NO_CLIP.name else load_clip(metadata["model"], weights or
+                                                                          metadata["weights"], device=device)
+        config = {**metadata["config"], **overrides}
+        model = cls(clip, **config, **({"pretrained_text": False} if config.get("text") == "bert" else {}))
+        load_trained_state(model, state, str(path))
+        return model.to(device).eval()
 
     @property
     def device(self) -> torch.device:
@@ -345,6 +437,8 @@ class GLIPDetector(TrainedModel, nn.Module):
         (B, A, 4), 'centerness': (B, A) logits, 'shapes': [(h_l, w_l)]}, anchors level by level, row-major."""
         mask = text.mask.to(self.device)
         tokens = self.text(text)  # (B, T, width)
+        if self.prompt_table is not None:
+            tokens = tokens + self.prompt_table[:tokens.shape[1]]
         if self.fusion:
             for fusion, text_layer, conv in zip(self.fusion_layers, self.text_layers, self.conv_layers):
                 levels, tokens = fusion(levels, tokens, mask)

@@ -121,16 +121,17 @@ class BertTokenText(nn.Module):
     model and its tokenizer.
     """
 
-    def __init__(self, source: str = "bert-base-uncased", max_tokens: int = 256):
+    def __init__(self, source: str = "bert-base-uncased", max_tokens: int = 256, pretrained: bool = True):
         super().__init__()
         try:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoConfig, AutoModel, AutoTokenizer
         except ImportError as error:
-            raise InputError("the BERT text encoder needs Hugging Face transformers: pip install 'ovdense[bert]'"
+            raise InputError("the BERT text encoder needs Hugging Face transformers: pip install 'ovdense[glip]'"
                              ) from error
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
-            self.model = AutoModel.from_pretrained(source, add_pooling_layer=False)
+            self.model = (AutoModel.from_pretrained(source, add_pooling_layer=False) if pretrained else
+                          AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False))
         except OSError as error:
             raise InputError(f"cannot load BERT {source!r} ({error}); offline, download it once with "
                              f"`huggingface-cli download {source}` or pass a local folder") from error
