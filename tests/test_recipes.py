@@ -192,10 +192,11 @@ def test_nonsense_train_options_are_usage_errors(flags, message, tmp_path, no_wo
 
 
 def test_every_shipped_recipe_loads_and_none_exports_into_the_package():
+    from ovdense.engine.glip_train import GLIPRecipe
     from ovdense.engine.regionclip_train import RECIPES as DETECTION_RECIPES
     kinds = {"tiny_clip": RECIPES["clip"], "tcl": RECIPES["tcl"], "rpn": DETECTION_RECIPES["rpn"][0],
              "regionclip_pretrain": DETECTION_RECIPES["regionclip-pretrain"][0],
-             "regionclip": DETECTION_RECIPES["regionclip"][0]}
+             "regionclip": DETECTION_RECIPES["regionclip"][0], "glip": GLIPRecipe}
     for path in sorted((REPO / "configs").glob("*.yaml")):
         prefix = max((p for p in kinds if path.name.startswith(p)), key=len, default=None)
         recipe = load_recipe(kinds.get(prefix, RECIPES["denseclip"]), path)

@@ -155,11 +155,11 @@ _DATA_KEYS = ("detection", "grounding", "synthesize", "short", "max_size", "nega
 
 @dataclass
 class GLIPRecipe(TrainSection):
-    """GLIP training. model / weights: the CLIP whose towers start the backbone and the text encoder; init: a GLIP
-    checkpoint to start from (a teacher's, for a student); method: GLIPDetector arguments; data: see the module."""
+    """GLIP training. model / weights: the CLIP whose towers start the backbone and the text encoder (null for GLIP-T:
+    Swin-T and BERT); init: a GLIP checkpoint to start from; method: GLIPDetector arguments; data: see the module."""
 
-    model: str = "RN50"
-    weights: str = "openai"
+    model: str | None = "RN50"
+    weights: str | None = "openai"
     init: str | None = None
     method: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -169,8 +169,9 @@ class GLIPRecipe(TrainSection):
     source: str | None = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
-        check_clip(self.model, self.weights)
         checks.arguments(self.method, GLIPDetector.__init__, "method", exclude=("self", "clip"))
+        if self.needs_clip:
+            check_clip(self.model, self.weights)
         data = checks.mapping("data", self.data)
         with within("data."):
             checks.known_keys(data, _DATA_KEYS, "a GLIP data section")
@@ -189,6 +190,11 @@ class GLIPRecipe(TrainSection):
                 check_synthesize(data["synthesize"])
         self.train_config()
         check_export(self.export)
+
+
+    @property
+    def needs_clip(self) -> bool:
+        return "clip" in (self.method.get("image", "clip"), self.method.get("text", "clip"))
 
 
 def _training_items(data: dict) -> tuple[list[GroundingItem], list[str]]:
@@ -215,7 +221,7 @@ def build_glip(recipe: GLIPRecipe, device: str) -> GLIPDetector:
             raise InputError(f"init: {recipe.init} is built on {model.backbone.name}/{model.backbone.weights}, not "
                              f"{recipe.model}/{recipe.weights}")
         return model.train()
-    clip = load_clip(recipe.model, recipe.weights, device=device)
+    clip = load_clip(recipe.model, recipe.weights, device=device) if recipe.needs_clip else None
     with seeded(recipe.train_config().seed):
         return GLIPDetector(clip, **recipe.method).to(device)
 

@@ -78,15 +78,19 @@ class SwinPyramid(nn.Module):
     image_std = (0.229, 0.224, 0.225)
     channels = [192, 384, 768]
 
-    def __init__(self, frozen: bool = False, drop_path: float = 0.2):
+    def __init__(self, frozen: bool = False, drop_path: float = 0.2, pretrained: bool = False):
         super().__init__()
         try:
             import timm
         except ImportError as error:
             raise InputError("the Swin-T backbone needs timm: pip install 'ovdense[glip]'") from error
-        self.swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, features_only=True,
-                                      out_indices=(1, 2, 3), strict_img_size=False, dynamic_img_size=True,
-                                      drop_path_rate=drop_path)
+        try:
+            self.swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=pretrained, features_only=True,
+                                          out_indices=(1, 2, 3), strict_img_size=False, dynamic_img_size=True,
+                                          drop_path_rate=drop_path)
+        except (OSError, RuntimeError) as error:
+            raise InputError(f"cannot load timm's ImageNet Swin-T weights ({error}); online they download once, "
+                             "offline set pretrained_image: false") from error
         self.norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
         self.requires_grad_(not frozen)
 
@@ -312,8 +316,8 @@ class GLIPDetector(TrainedModel, nn.Module):
     channels: FPN / head width (256 in GLIP-T). layers: fusion + conv layers (6). fusion: deep fusion on/off.
     fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers.
     text_source: the BERT (a Hugging Face name or folder); pretrained_text: load its weights (False when they come
-    from a GLIP checkpoint). deformable: DyHead's deformable convs. train_backbone / train_text: fine-tune the
-    towers (GLIP fine-tunes both). prompt_tuning: GLIP's `language_prompt_v2`: a zero-initialised table (one row per
+    from a GLIP checkpoint); pretrained_image: start Swin-T from timm's ImageNet weights (GLIP's init).
+    deformable: DyHead's deformable convs. train_backbone / train_text: fine-tune the towers (GLIP fine-tunes both). prompt_tuning: GLIP's `language_prompt_v2`: a zero-initialised table (one row per
     token position) added to the token features, everything else frozen.
     """
 
@@ -322,8 +326,8 @@ class GLIPDetector(TrainedModel, nn.Module):
     def __init__(self, clip: CLIPBackbone | None, channels: int = 256, layers: int = 6, fusion: bool = True,
                  fusion_dim: int = 2048, fusion_heads: int = 8, text_heads: int = 12, groups: int = 16,
                  image: str = "clip", text: str = "clip", text_source: str = "bert-base-uncased",
-                 pretrained_text: bool = True, deformable: bool = True, train_backbone: bool = True,
-                 train_text: bool = True, topk: int = 9, dropout: float = 0.1, prompt_tuning: bool = False):
+                 pretrained_text: bool = True, pretrained_image: bool = False, deformable: bool = True,
+                 train_backbone: bool = True, train_text: bool = True, topk: int = 9, dropout: float = 0.1, prompt_tuning: bool = False):
         super().__init__()
         self.config = {"channels": channels, "layers": layers, "fusion": fusion, "fusion_dim": fusion_dim,
                        "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "image": image,
@@ -335,7 +339,8 @@ class GLIPDetector(TrainedModel, nn.Module):
         if clip is None and "clip" in (image, text):
             raise InputError("image='clip' or text='clip' needs a CLIP")
         self.clip = clip = copy.deepcopy(clip).requires_grad_(False) if clip is not None else None  # fine-tuned here
-        self.image = CLIPPyramid(clip, not train_backbone) if image == "clip" else SwinPyramid(not train_backbone)
+        self.image = (CLIPPyramid(clip, not train_backbone) if image == "clip"
+                      else SwinPyramid(not train_backbone, pretrained=pretrained_image))
         self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source, pretrained=pretrained_text)
         self.text.trainable(train_text)
         self.fpn = FeaturePyramidNetwork(self.image.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
