@@ -364,3 +364,24 @@ def test_prompt_tuning_trains_only_a_zero_table_added_to_the_tokens(glip, tmp_pa
     assert not torch.allclose(tuned.head(levels, text)["logits"], before)
     reloaded = GLIPDetector.from_checkpoint(tuned.save(tmp_path / "tuned.safetensors"))
     assert torch.equal(reloaded.prompt_table, tuned.prompt_table)
+
+
+def test_mdetr_annotations_become_grounding_records(tmp_path):
+    from ovdense.data.grounding import mdetr_to_jsonl
+    from ovdense.engine.glip_train import grounding_items
+    caption = "A man in a red shirt holds a kite."
+    mdetr = {"images": [{"id": 7, "file_name": "1000.jpg", "caption": caption, "height": 50, "width": 80}],
+             "annotations": [{"image_id": 7, "bbox": [1, 2, 10, 20], "tokens_positive": [[0, 5]]},
+                             {"image_id": 7, "bbox": [30, 5, 5, 5], "tokens_positive": [[27, 33]]},
+                             {"image_id": 7, "bbox": [40, 5, 5, 5], "tokens_positive": [[27, 33]]},
+                             {"image_id": 7, "bbox": [3, 3, 4, 4], "tokens_positive": [[11, 14], [15, 20]]}]}
+    (tmp_path / "mdetr.json").write_text(json.dumps(mdetr))
+    out = tmp_path / "out" / "flickr.jsonl"
+    out.parent.mkdir()
+    assert mdetr_to_jsonl(tmp_path / "mdetr.json", tmp_path / "images", out) == 1
+    record = json.loads(out.read_text())
+    assert record["image"] == "../images/1000.jpg" and record["caption"] == caption
+    assert [(p["text"], p["boxes"]) for p in record["phrases"]] == [
+        ("A man", [[1, 2, 11, 22]]), ("a kite", [[30, 5, 35, 10], [40, 5, 45, 10]]), ("red shirt", [[3, 3, 7, 7]])]
+    item = grounding_items(out)[0]
+    assert item.spans[-1] == [(11, 14), (15, 20)]  # a phrase in two pieces keeps both

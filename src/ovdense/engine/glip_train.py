@@ -20,6 +20,7 @@ import torch
 
 from ..backbones import load_clip
 from ..data.detection import DetectionDataset
+from ..data.grounding import phrase_spans
 from ..data.images import load_image
 from ..detection.grounding import positive_map, training_prompt
 from ..detection.images import pad_batch, prepare_image
@@ -62,11 +63,12 @@ def grounding_items(path: str | Path, allow_unboxed: bool = False) -> list[Groun
                 continue
             by_box: dict[tuple, list] = {}
             for phrase in phrases:
-                start, end = phrase["span"]
-                if record["caption"][start:end].lower() != phrase["text"].lower():
+                spans = phrase_spans(phrase)
+                start, end = spans[0]
+                if len(spans) == 1 and record["caption"][start:end].lower() != phrase["text"].lower():
                     raise ValueError(f"span {start}:{end} is not {phrase['text']!r}")
                 for box in phrase["boxes"]:
-                    by_box.setdefault(tuple(float(v) for v in box), []).append((int(start), int(end)))
+                    by_box.setdefault(tuple(float(v) for v in box), []).extend(spans)
             items.append(GroundingItem(path.parent / record["image"], record["caption"],
                                        [list(b) for b in by_box], list(by_box.values())))
         except (ValueError, KeyError, TypeError) as error:
@@ -274,8 +276,7 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         if phrases is None:
             prompt = caption_prompt(record["caption"], chunker=chunker)
         else:
-            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases],
-                                     [[tuple(p["span"])] for p in phrases])
+            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [phrase_spans(p) for p in phrases])
         if not prompt.spans:
             continue
         image = path.parent / record["image"]

@@ -21,6 +21,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from ..detection.grounding import GroundingPrompt
+from ..data.grounding import phrase_spans
 from ..distributed import init_distributed
 from ..errors import InputError
 
@@ -41,9 +42,9 @@ def read_grounding(path: str | Path) -> tuple[list[dict], dict[str, str]]:
         try:
             record = json.loads(line)
             for phrase in record["phrases"]:
-                start, end = phrase["span"]
-                if not 0 <= start < end <= len(record["caption"]):
-                    raise ValueError(f"span {start}:{end} is outside the caption")
+                phrase["spans"] = phrase_spans(phrase)
+                if not all(0 <= start < end <= len(record["caption"]) for start, end in phrase["spans"]):
+                    raise ValueError(f"a span of {phrase['text']!r} is outside the caption")
             record["image"] = str(path.parent / record["image"])
         except (ValueError, KeyError, TypeError) as error:
             raise InputError(f"{path}:{number}: not a grounding record ({error})") from error
@@ -77,8 +78,7 @@ def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, pr
     last_image = None
     for record in tqdm(records[rank::world], desc="eval grounding", disable=not progress or rank != 0, unit="cap"):
         phrases = record["phrases"]
-        prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases],
-                                 [[tuple(p["span"])] for p in phrases])
+        prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
         if record["image"] != last_image:
             predictor.set_image(record["image"])
             last_image = record["image"]

@@ -1,0 +1,57 @@
+"""Grounding data in ovdense's JSONL (one caption per line: {"image", "caption", "phrases": [{"text", "span": [s, e],
+"boxes": [[x0, y0, x1, y1], ...]}]}, images relative to the file) from MDETR's annotation files, which GLIP trains
+and evaluates on (GoldG: final_mixed_train_no_coco.json, final_flickr_separateGT_train.json; Flickr30k Entities:
+final_flickr_separateGT_{val,test}.json).
+
+MDETR's files are COCO-style: each image entry is one (image, caption) pair with its `caption`; each annotation a box
+(`bbox` x, y, w, h) with `tokens_positive` (character spans of the phrase naming it). Boxes whose spans are equal
+make one phrase; a phrase's text is its spans' characters joined by spaces.
+
+  python -m ovdense.data.grounding final_flickr_separateGT_test.json flickr30k/images flickr_test.jsonl
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import write_text_atomic
+
+
+def phrase_spans(phrase: dict) -> list[tuple[int, int]]:
+    """A grounding record's phrase -> its character spans ('spans' when it has several, else 'span')."""
+    return [(int(s), int(e)) for s, e in phrase.get("spans") or [phrase["span"]]]
+
+
+def mdetr_to_jsonl(annotations: str | Path, images: str | Path, out: str | Path) -> int:
+    """Write `out` from an MDETR annotation file whose images are in `images`; returns the number of captions."""
+    annotations, images, out = Path(annotations), Path(images), Path(out)
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8"))
+        boxes_of = defaultdict(list)
+        for a in data["annotations"]:
+            boxes_of[a["image_id"]].append(a)
+        lines = []
+        for entry in data["images"]:
+            caption = entry["caption"]
+            phrases: dict[tuple, list] = {}
+            for a in boxes_of[entry["id"]]:
+                x, y, w, h = a["bbox"]
+                phrases.setdefault(tuple(tuple(s) for s in a["tokens_positive"]), []).append([x, y, x + w, y + h])
+            records = [{"text": " ".join(caption[s:e] for s, e in spans), "span": list(spans[0]),
+                        "spans": [list(s) for s in spans], "boxes": boxes} for spans, boxes in phrases.items()]
+            image = os.path.relpath((images / entry["file_name"]).resolve(), out.parent.resolve())
+            lines.append(json.dumps({"image": image, "caption": caption, "phrases": records}))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{annotations}: not an MDETR annotation file ({error})") from error
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    print(f"{mdetr_to_jsonl(*sys.argv[1:])} captions -> {sys.argv[3]}")
