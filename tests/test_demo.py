@@ -9,8 +9,9 @@ from PIL import Image
 from ovdense.cli import main
 from ovdense.data.export import scene_index
 from ovdense.data.synthetic import SyntheticWorld
-from ovdense.demo import SHIPPED_METHODS, check_detections, check_scene, shipped_method, world_labels
-from ovdense.detection.structures import DetectionResult
+from ovdense.demo import (SHIPPED_METHODS, check_detections, check_grounding, check_scene, grounding_caption,
+                          shipped_method, world_labels)
+from ovdense.detection.structures import DetectionResult, GroundingResult
 
 
 def test_check_scene_counts_pixels_and_things_exactly():
@@ -73,6 +74,25 @@ def test_demo_reports_what_its_files_show(tmp_path, capsys):
     right = sum(bool(t["detection"] and t["detection"]["correct"]) for t in rechecked["things"])
     assert f"things found and named right {right} of {len(scene.objects)}" in out
     assert (tmp_path / "demo_scene_detection_boxes.png").is_file()
+    # the shipped GLIP grounds the richest caption: the printed verdicts are those of the written boxes
+    grounding = json.loads((tmp_path / "demo_scene_grounding.json").read_text())
+    caption = grounding_caption(scene)
+    assert grounding["caption"] == caption.text and [p["phrase"] for p in grounding["phrases"]] == \
+        [p.text for p in caption.phrases]
+    boxes, scores, labels = [], [], []
+    for index, phrase in enumerate(grounding["phrases"]):
+        for found in phrase["boxes"]:
+            boxes.append([found["box"][k] / 4 for k in ("xmin", "ymin", "xmax", "ymax")])
+            scores.append(found["score"])
+            labels.append(index)
+    result = GroundingResult(torch.tensor(boxes).reshape(-1, 4), torch.tensor(scores), torch.tensor(labels),
+                             [p.text for p in caption.phrases], (96, 96))
+    rechecked = check_grounding(result, caption)
+    assert [p["found"] and p["found"]["correct"] for p in rechecked["phrases"]] == \
+        [p["found"] and p["found"]["correct"] for p in grounding["check"]["phrases"]]
+    right = sum(bool(p["found"] and p["found"]["correct"]) for p in rechecked["phrases"])
+    assert f"phrases grounded right {right} of {len(caption.phrases)}" in out
+    assert (tmp_path / "demo_scene_grounding_boxes.png").is_file()
 
 
 def test_check_detections_matches_exact_boxes():
@@ -94,3 +114,22 @@ def test_check_detections_matches_exact_boxes():
     assert check["unmatched_detections"] == 1  # the 3x3 box; the 0.2 one is under 0.5
     assert check_detections(DetectionResult(boxes[:0], scores[:0], labels[:0], names, (96, 96)), scene)[
         "things"][0]["detection"] is None
+
+
+def test_check_grounding_takes_each_phrases_best_box():
+    """A phrase's verdict is its top-scoring box against its exact boxes (Recall@1)."""
+    scene = SyntheticWorld().scene(scene_index("val", 3))
+    caption = grounding_caption(scene)
+    assert sum(bool(p.objects) for p in caption.phrases) == max(sum(bool(p.objects) for p in c.phrases)
+                                                                for c in scene.captions)
+    truth = [p.boxes[0] for p in caption.phrases]
+    boxes = torch.tensor(truth + [[0.0, 0.0, 2.0, 2.0]], dtype=torch.float32)
+    scores = torch.tensor([0.5] * len(truth) + [0.9])
+    labels = torch.tensor(list(range(len(truth))) + [0])
+    check = check_grounding(GroundingResult(boxes, scores, labels, [p.text for p in caption.phrases], (96, 96)),
+                            caption)
+    first, rest = check["phrases"][0], check["phrases"][1:]
+    assert not first["found"]["correct"] and first["found"]["score"] == pytest.approx(0.9)  # its best box is wrong
+    assert all(p["found"]["correct"] and p["found"]["iou"] == 1 for p in rest)
+    empty = GroundingResult(boxes[:0], scores[:0], labels[:0], [p.text for p in caption.phrases], (96, 96))
+    assert all(p["found"] is None for p in check_grounding(empty, caption)["phrases"])

@@ -63,6 +63,8 @@ def test_caption_prompt_finds_given_phrases_or_chunks_noun_phrases():
     assert given.spans == [[(2, 10), (46, 54)], [(21, 38)]]
     ruled = caption_prompt(caption, chunker="rules")
     assert ruled.phrases == ["A red star", "a small blue circle", "a red star"]
+    assert caption_prompt("a black hourglass to the left of a green bar", chunker="rules").phrases == \
+        ["a black hourglass", "a green bar"]  # 'the' alone is no phrase
     with pytest.raises(InputError, match="not in the caption"):
         caption_prompt(caption, ["green bar"])
     with pytest.raises(InputError, match="empty"):

@@ -53,18 +53,17 @@ def phrase_spans(caption: str, max_words: int | None = 4, determiners: bool = Fa
     are left out unless `determiners` (GLIP's grammar keeps one: 'NP: {<DT>?<JJ.*>*<NN.*>+}'); chunks longer than
     `max_words` keep their last words (the head noun comes last in English).
     """
-    spans, chunk = [], []
-    for match in re.finditer(r"[A-Za-z][A-Za-z'\-]*|[,.;:!?()]", caption):
+    spans, chunk, content = [], [], False
+    for match in re.finditer(r"[A-Za-z][A-Za-z'\-]*|[,.;:!?()]+", caption + "."):
         word = match.group().lower()
         if word in _BREAKS or not word[0].isalpha():
-            if chunk:
+            if content:  # a chunk of determiners alone ('the' of 'to the left of') is no phrase
                 spans.append((chunk[0][0], chunk[-1][1]))
-            chunk = []
+            chunk, content = [], False
         elif word not in _DETERMINERS or chunk or determiners:
             chunk.append(match.span())
             chunk = chunk[-max_words:] if max_words else chunk
-    if chunk:
-        spans.append((chunk[0][0], chunk[-1][1]))
+            content = content or word not in _DETERMINERS
     return spans
 
 
