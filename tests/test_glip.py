@@ -387,3 +387,12 @@ def test_mdetr_annotations_become_grounding_records(tmp_path):
         ("A man", [[1, 2, 11, 22]]), ("a kite", [[30, 5, 35, 10], [40, 5, 45, 10]]), ("red shirt", [[3, 3, 7, 7]])]
     item = grounding_items(out)[0]
     assert item.spans[-1] == [(11, 14), (15, 20)]  # a phrase in two pieces keeps both
+
+
+def test_a_vit_clip_gives_a_three_stride_pyramid(tiny_vit):
+    torch.manual_seed(0)
+    model = GLIPDetector(tiny_vit, **{**TINY, "fusion": False}).eval()
+    levels = model.embed_image(torch.randn(1, 3, 96, 128))
+    assert [tuple(m.shape[-2:]) for m in levels] == [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
+    out = model.head(levels, model.tokenize(["red. blue"]))
+    assert out["logits"].shape == (1, 12 * 16 + 6 * 8 + 3 * 4 + 4 + 1, 5) and not model.fusion_layers

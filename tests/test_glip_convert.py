@@ -6,12 +6,13 @@ import torch
 pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 
-from ovdense.convert.glip import convert_official, official_state  # noqa: E402
+from ovdense.convert.glip import check_fits, convert_official, official_model, official_state  # noqa: E402
 from ovdense.detection.predictor import GroundingPredictor  # noqa: E402
 from ovdense.errors import CheckpointError  # noqa: E402
 from ovdense.methods.glip import GLIPDetector  # noqa: E402
 
-SWIN_T = [(96, 2, 3), (192, 2, 6), (384, 6, 12), (768, 2, 24)]  # channels, depth, heads per stage
+SWIN = {"t": ([(96, 2, 3), (192, 2, 6), (384, 6, 12), (768, 2, 24)], 7, 6),  # (channels, depth, heads) per stage,
+        "l": ([(192, 2, 6), (384, 2, 12), (768, 18, 24), (1536, 2, 48)], 12, 8)}  # window, head layers
 
 
 def _linear(shapes: dict, name: str, out: int, inp: int) -> None:
@@ -31,18 +32,21 @@ def _bert_layer(shapes: dict, prefix: str) -> None:
     _norm(shapes, f"{prefix}.output.LayerNorm", 768)
 
 
-def official_glip_t_shapes(fusion: bool = True) -> dict[str, tuple]:
-    """Key -> shape of glip_tiny_model_o365_goldg.pth's 'model' (maskrcnn-benchmark names, 'module.' prefixed)."""
+def official_glip_shapes(variant: str = "t", fusion: bool = True) -> dict[str, tuple]:
+    """Key -> shape of glip_tiny_model_o365_goldg.pth's (variant 't') or glip_large_model.pth's ('l') 'model'
+    (maskrcnn-benchmark names, 'module.' prefixed)."""
     s: dict[str, tuple] = {}
+    stages, window, layers = SWIN[variant]
     body = "backbone.body"
-    s[f"{body}.patch_embed.proj.weight"], s[f"{body}.patch_embed.proj.bias"] = (96, 3, 4, 4), (96,)
-    _norm(s, f"{body}.patch_embed.norm", 96)
-    for i, (c, depth, heads) in enumerate(SWIN_T):
+    embed = stages[0][0]
+    s[f"{body}.patch_embed.proj.weight"], s[f"{body}.patch_embed.proj.bias"] = (embed, 3, 4, 4), (embed,)
+    _norm(s, f"{body}.patch_embed.norm", embed)
+    for i, (c, depth, heads) in enumerate(stages):
         for j in range(depth):
             block = f"{body}.layers.{i}.blocks.{j}"
             _norm(s, f"{block}.norm1", c)
-            s[f"{block}.attn.relative_position_bias_table"] = (169, heads)
-            s[f"{block}.attn.relative_position_index"] = (49, 49)
+            s[f"{block}.attn.relative_position_bias_table"] = ((2 * window - 1) ** 2, heads)
+            s[f"{block}.attn.relative_position_index"] = (window ** 2, window ** 2)
             _linear(s, f"{block}.attn.qkv", 3 * c, c)
             _linear(s, f"{block}.attn.proj", c, c)
             _norm(s, f"{block}.norm2", c)
@@ -51,9 +55,10 @@ def official_glip_t_shapes(fusion: bool = True) -> dict[str, tuple]:
         if i < 3:
             s[f"{body}.layers.{i}.downsample.reduction.weight"] = (2 * c, 4 * c)
             _norm(s, f"{body}.layers.{i}.downsample.norm", 4 * c)
-    for n, c in zip((1, 2, 3), (192, 384, 768)):
+    widths = [c for c, _, _ in stages[1:]]
+    for n, c in zip((1, 2, 3), widths):
         _norm(s, f"{body}.norm{n}", c)
-    for n, c in zip((2, 3, 4), (192, 384, 768)):
+    for n, c in zip((2, 3, 4), widths):
         s[f"backbone.fpn.fpn_inner{n}.weight"], s[f"backbone.fpn.fpn_inner{n}.bias"] = (256, c, 1, 1), (256,)
         s[f"backbone.fpn.fpn_layer{n}.weight"], s[f"backbone.fpn.fpn_layer{n}.bias"] = (256, 256, 3, 3), (256,)
     for p in ("p6", "p7"):
@@ -66,7 +71,7 @@ def official_glip_t_shapes(fusion: bool = True) -> dict[str, tuple]:
     for layer in range(12):
         _bert_layer(s, f"{bert}.encoder.layer.{layer}")
     head = "rpn.head"
-    for i in range(6):
+    for i in range(layers):
         tower = f"{head}.dyhead_tower.{3 * i if fusion else i}"
         if fusion:
             s[f"{tower}.b_attn.gamma_v"], s[f"{tower}.b_attn.gamma_l"] = (256,), (768,)
@@ -98,7 +103,8 @@ def official_glip_t_shapes(fusion: bool = True) -> dict[str, tuple]:
 
 def official_state_dict(fusion: bool = True) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {k: torch.randn(shape, generator=generator) * 0.02 for k, shape in official_glip_t_shapes(fusion).items()}
+    return {k: torch.randn(shape, generator=generator) * 0.02
+            for k, shape in official_glip_shapes("t", fusion).items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def bert_folder(tmp_path_factory):
 def test_every_official_key_finds_its_place_and_values_land_where_they_belong(bert_folder, tmp_path):
     official = official_state_dict()
     state, settings = official_state(official)
-    assert settings == {"layers": 6, "fusion": True, "prompt_tuning": False}
+    assert settings == {"image": "swin-t", "layers": 6, "fusion": True, "fusion_dim": 2048, "prompt_tuning": False}
     out = convert_official_from(official, tmp_path, bert_folder)
     model = GLIPDetector.from_checkpoint(out)
     pairs = {  # ovdense parameter <- official key
@@ -155,13 +161,23 @@ def convert_official_from(state, folder, bert_folder, **kwargs):
 
 def test_the_no_fusion_model_converts_too():
     state, settings = official_state(official_state_dict(fusion=False))
-    assert settings == {"layers": 6, "fusion": False, "prompt_tuning": False}
+    assert settings == {"image": "swin-t", "layers": 6, "fusion": False, "prompt_tuning": False}
     assert "conv_layers.5.offset.weight" in state and not any(k.startswith("fusion_layers") for k in state)
+
+
+def test_glip_l_keys_fit_a_swin_l_model_with_eight_layers(bert_folder):
+    """GLIP-L's layout, checked on meta tensors (shapes only, no memory)."""
+    official = {k: torch.empty(shape, device="meta") for k, shape in official_glip_shapes("l").items()}
+    state, settings = official_state(official)
+    assert settings == {"image": "swin-l", "layers": 8, "fusion": True, "fusion_dim": 2048, "prompt_tuning": False}
+    with torch.device("meta"):
+        model = GLIPDetector(None, text="bert", text_source=str(bert_folder), pretrained_text=False, **settings)
+    check_fits(state, model.state_dict(), "glip_large_model.pth")
 
 
 @pytest.mark.parametrize("change, message", [
     ("drop", "missing"), ("rename", "does not have"), ("reshape", "shapes")])
-def test_a_missing_misnamed_or_misshapen_key_fails(change, message, bert_folder, tmp_path):
+def test_a_missing_misnamed_or_misshapen_key_fails(change, message, bert_folder):
     official = official_state_dict()
     key = "module.rpn.head.dyhead_tower.4.intermediate.dense.weight"
     value = official.pop(key)
@@ -170,4 +186,4 @@ def test_a_missing_misnamed_or_misshapen_key_fails(change, message, bert_folder,
     elif change == "reshape":
         official[key] = value[:100]
     with pytest.raises(CheckpointError, match=message):
-        convert_official_from(official, tmp_path, bert_folder)
+        official_model(official, str(bert_folder))

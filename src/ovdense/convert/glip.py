@@ -1,5 +1,6 @@
 """microsoft/GLIP checkpoints (maskrcnn-benchmark .pth: {'model': state dict, 'model_ema'?}, keys prefixed 'module.')
--> an ovdense GLIP file (safetensors) for `--method glip --checkpoint`.
+-> an ovdense GLIP file (safetensors) for `--method glip --checkpoint`. GLIP-L is GLIP-T's layout with Swin-L
+(window 12) and 8 layers.
 
 GLIP-T (glip_tiny_model_o365_goldg.pth): Swin-T `backbone.body.*`, FPN `backbone.fpn.*`, BERT
 `language_backbone.body.model.*`, and the head `rpn.head.*`, whose `dyhead_tower` holds, for each of its 6 layers i,
@@ -93,8 +94,8 @@ def official_name(key: str, fusion: bool) -> str | None:
 
 
 def official_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[dict, dict]:
-    """An official GLIP state dict -> (ovdense state dict, the GLIPDetector settings it implies: layers, fusion,
-    prompt_tuning)."""
+    """An official GLIP state dict -> (ovdense state dict, the GLIPDetector settings it implies: the Swin (T or L, by
+    its patch embedding's width), layers, fusion and its width, prompt_tuning)."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     fusion = any(".b_attn." in k for k in state)
     towers = {int(k.split(".")[3]) for k in state if k.startswith("rpn.head.dyhead_tower.")}
@@ -111,30 +112,45 @@ def official_state(state: dict[str, torch.Tensor], source: str = "checkpoint") -
         if name is not None:
             out[name] = value
     if unknown:
-        raise CheckpointError(f"{source}: keys GLIP-T does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        raise CheckpointError(f"{source}: keys GLIP does not have: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     if "image.swin.patch_embed.proj.weight" in out:  # BGR 0-255 input -> RGB with ImageNet normalisation
         out["image.swin.patch_embed.proj.weight"] = out["image.swin.patch_embed.proj.weight"].flip(1)
-    settings = {"layers": layers, "fusion": fusion, "prompt_tuning": "prompt_table" in out}
+    patch = out.get("image.swin.patch_embed.proj.weight")
+    settings = {"image": "swin-l" if patch is not None and patch.shape[0] == 192 else "swin-t", "layers": layers,
+                "fusion": fusion, "prompt_tuning": "prompt_table" in out}
+    if fusion:
+        settings["fusion_dim"] = out["fusion_layers.0.attn.v_proj.weight"].shape[0]
     return out, settings
+
+
+def check_fits(mapped: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight of `reference` (a model's state dict) is in `mapped` with its shape, and nothing else is; the
+    buffers a model recomputes (Swin's relative-position index and masks, BERT's position ids) are not needed."""
+    expected = {k: v for k, v in reference.items()
+                if not k.endswith(("relative_position_index", "attn_mask", "position_ids", "token_type_ids"))}
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(reference))
+    shapes = [f"{k} {tuple(mapped[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+              if k in mapped and mapped[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"{source} does not fit GLIP: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                              f"shapes {shapes[:3]}")
+
+
+def official_model(state: dict[str, torch.Tensor], text_source: str = "bert-base-uncased", source: str = "checkpoint"):
+    """An official GLIP-T / GLIP-L state dict -> the GLIPDetector holding it; every key must find its place and every
+    weight of the model must come from the state dict."""
+    from ..methods.glip import GLIPDetector
+    mapped, settings = official_state(state, source)
+    model = GLIPDetector(None, text="bert", text_source=text_source, pretrained_text=False, **settings)
+    check_fits(mapped, model.state_dict(), source)
+    model.load_state_dict(mapped, strict=False)
+    return model.eval()
 
 
 def convert_official(path: str | Path, out: str | Path, text_source: str = "bert-base-uncased", ema: bool = False
                      ) -> Path:
-    """Convert a released GLIP checkpoint into an ovdense GLIP file (preset 'glip'); every key must find its place and
-    every weight of the model must come from the file. ema: use 'model_ema' instead of 'model'."""
-    from ..methods.glip import GLIPDetector
-    checkpoint = read_official(path, "model_ema" if ema else "model")
-    state, settings = official_state(checkpoint, str(path))
-    model = GLIPDetector(None, image="swin-t", text="bert", text_source=text_source, pretrained_text=False,
-                         **settings)
-    expected = {k: v for k, v in model.state_dict().items()
-                if not k.endswith(("relative_position_index", "attn_mask", "position_ids", "token_type_ids"))}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{path} does not fit GLIP-T: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                              f"shapes {shapes[:3]}")
-    model.load_state_dict(state, strict=False)
-    return model.save(out, preset="glip")
+    """Convert a released GLIP-T or GLIP-L checkpoint into an ovdense GLIP file (preset 'glip'). text_source: where BERT's
+    tokenizer and config come from (its weights come from the checkpoint). ema: use 'model_ema' instead of 'model'."""
+    state = read_official(path, "model_ema" if ema else "model")
+    return official_model(state, text_source, str(path)).save(out, preset="glip")

@@ -69,27 +69,33 @@ class CLIPPyramid(nn.Module):
                 for s in STRIDES[:3]]
 
 
+SWIN = {  # GLIP's backbones: timm's model, its stage 2-4 widths
+    "swin-t": ("swin_tiny_patch4_window7_224", [192, 384, 768]),  # GLIP-T: depths 2-2-6-2, window 7
+    "swin-l": ("swin_large_patch4_window12_384", [384, 768, 1536]),  # GLIP-L: depths 2-2-18-2, window 12
+}
+
+
 class SwinPyramid(nn.Module):
-    """GLIP-T's backbone: timm's Swin-T (patch 4, window 7, depths 2-2-6-2), stages 2-4 (strides 8, 16, 32; 192, 384,
-    768 channels), each stage output layer-normed (GLIP's norm1..3), any input size (padded to the windows). Input:
-    RGB normalised with ImageNet's mean / std (the converter turns GLIP's BGR 0-255 patch embedding into this)."""
+    """GLIP's backbone: timm's Swin-T (or Swin-L), stages 2-4 (strides 8, 16, 32), each stage output layer-normed
+    (GLIP's norm1..3), any input size (padded to the windows). Input: RGB normalised with ImageNet's mean / std (the
+    converter turns GLIP's BGR 0-255 patch embedding into this)."""
 
     image_mean = (0.485, 0.456, 0.406)
     image_std = (0.229, 0.224, 0.225)
-    channels = [192, 384, 768]
 
-    def __init__(self, frozen: bool = False, drop_path: float = 0.2, pretrained: bool = False):
+    def __init__(self, variant: str = "swin-t", frozen: bool = False, drop_path: float = 0.2,
+                 pretrained: bool = False):
         super().__init__()
         try:
             import timm
         except ImportError as error:
-            raise InputError("the Swin-T backbone needs timm: pip install 'ovdense[glip]'") from error
+            raise InputError("the Swin backbones need timm: pip install 'ovdense[glip]'") from error
+        name, self.channels = SWIN[variant]
         try:
-            self.swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=pretrained, features_only=True,
-                                          out_indices=(1, 2, 3), strict_img_size=False, dynamic_img_size=True,
-                                          drop_path_rate=drop_path)
+            self.swin = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(1, 2, 3),
+                                          strict_img_size=False, dynamic_img_size=True, drop_path_rate=drop_path)
         except (OSError, RuntimeError) as error:
-            raise InputError(f"cannot load timm's ImageNet Swin-T weights ({error}); online they download once, "
+            raise InputError(f"cannot load timm's ImageNet {variant} weights ({error}); online they download once, "
                              "offline set pretrained_image: false") from error
         self.norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
         self.requires_grad_(not frozen)
@@ -312,7 +318,7 @@ class GLIPDetector(TrainedModel, nn.Module):
     """GLIP on an open_clip image tower or Swin-T, and a token text encoder (the CLIP's text tower or BERT).
 
     clip: the CLIP whose image tower is the backbone (image='clip') and whose text tower encodes prompts (text='clip');
-        None for GLIP-T itself (image='swin-t', text='bert').
+        None for GLIP-T / GLIP-L themselves (image='swin-t' / 'swin-l', text='bert').
     channels: FPN / head width (256 in GLIP-T). layers: fusion + conv layers (6). fusion: deep fusion on/off.
     fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers.
     text_source: the BERT (a Hugging Face name or folder); pretrained_text: load its weights (False when they come
@@ -334,13 +340,14 @@ class GLIPDetector(TrainedModel, nn.Module):
                        "text": text, "text_source": text_source, "deformable": deformable,
                        "train_backbone": train_backbone, "train_text": train_text, "topk": topk, "dropout": dropout,
                        "prompt_tuning": prompt_tuning}
-        if image not in ("clip", "swin-t") or text not in ("clip", "bert"):
-            raise InputError(f"image must be 'clip' or 'swin-t' and text 'clip' or 'bert', got {image!r}, {text!r}")
+        if image not in ("clip", *SWIN) or text not in ("clip", "bert"):
+            raise InputError(f"image must be 'clip', 'swin-t' or 'swin-l' and text 'clip' or 'bert', got {image!r}, "
+                             f"{text!r}")
         if clip is None and "clip" in (image, text):
             raise InputError("image='clip' or text='clip' needs a CLIP")
         self.clip = clip = copy.deepcopy(clip).requires_grad_(False) if clip is not None else None  # fine-tuned here
         self.image = (CLIPPyramid(clip, not train_backbone) if image == "clip"
-                      else SwinPyramid(not train_backbone, pretrained=pretrained_image))
+                      else SwinPyramid(image, not train_backbone, pretrained=pretrained_image))
         self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source, pretrained=pretrained_text)
         self.text.trainable(train_text)
         self.fpn = FeaturePyramidNetwork(self.image.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
@@ -396,7 +403,7 @@ class GLIPDetector(TrainedModel, nn.Module):
     @property
     def saved_prefixes(self) -> tuple[str, ...]:
         """Towers that no CLIP restores are saved whole, trained or frozen: Swin-T and BERT."""
-        return (("image.",) if self.config["image"] == "swin-t" else ()) + \
+        return (("image.",) if self.config["image"] in SWIN else ()) + \
             (("text.model.",) if self.config["text"] == "bert" else ())
 
     @classmethod
