@@ -396,3 +396,17 @@ def test_a_vit_clip_gives_a_three_stride_pyramid(tiny_vit):
     assert [tuple(m.shape[-2:]) for m in levels] == [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
     out = model.head(levels, model.tokenize(["red. blue"]))
     assert out["logits"].shape == (1, 12 * 16 + 6 * 8 + 3 * 4 + 4 + 1, 5) and not model.fusion_layers
+
+
+def test_a_broken_grounding_file_is_named_with_its_line(tmp_path):
+    from ovdense.data.grounding import read_records
+    good = {"image": "a.png", "caption": "a red star", "phrases": [{"text": "red star", "span": [2, 10], "boxes": []}]}
+    path = tmp_path / "g.jsonl"
+    for bad, message in ((dict(good, phrases=[{"text": "red star", "span": [1, 9]}]), "is not .red star."),
+                         (dict(good, phrases=[{"text": "red star", "span": [2, 40]}]), "outside the caption"),
+                         ({"caption": "x"}, "image")):
+        path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(InputError, match=rf"g.jsonl:2: .*{message}"):
+            read_records(path)
+    with pytest.raises(InputError, match="does not exist"):
+        read_records(tmp_path / "missing.jsonl")

@@ -21,6 +21,34 @@ from ..errors import InputError
 from ..io import write_text_atomic
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a grounding (or captions) JSONL file, each with its `image` made a path beside the file and, per
+    phrase, `spans` (see `phrase_spans`) checked to lie in the caption; an unusable line is an InputError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"grounding file {path} does not exist")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            record["image"] = path.parent / record["image"]
+            for phrase in record.get("phrases") or []:
+                phrase["spans"] = phrase_spans(phrase)
+                if not all(0 <= start < end <= len(record["caption"]) for start, end in phrase["spans"]):
+                    raise ValueError(f"a span of {phrase['text']!r} is outside the caption")
+                if len(phrase["spans"]) == 1:  # a phrase in one piece is its caption's characters
+                    start, end = phrase["spans"][0]
+                    if record["caption"][start:end].lower() != phrase["text"].lower():
+                        raise ValueError(f"span {start}:{end} is not {phrase['text']!r}")
+                phrase.setdefault("boxes", [])
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{path}:{number}: not a grounding record ({error})") from error
+        records.append(record)
+    return records
+
+
 def phrase_spans(phrase: dict) -> list[tuple[int, int]]:
     """A grounding record's phrase -> its character spans ('spans' when it has several, else 'span')."""
     return [(int(s), int(e)) for s, e in phrase.get("spans") or [phrase["span"]]]

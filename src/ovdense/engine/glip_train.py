@@ -20,7 +20,7 @@ import torch
 
 from ..backbones import load_clip
 from ..data.detection import DetectionDataset
-from ..data.grounding import phrase_spans
+from ..data.grounding import read_records
 from ..data.images import load_image
 from ..detection.grounding import positive_map, training_prompt
 from ..detection.images import pad_batch, prepare_image
@@ -49,30 +49,17 @@ class GroundingItem:
 
 def grounding_items(path: str | Path, allow_unboxed: bool = False) -> list[GroundingItem]:
     """The captions of a grounding JSONL file; a box named by several phrases takes all their spans."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"grounding file {path} does not exist")
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for record in read_records(path):
+        phrases = record.get("phrases") or []
+        if not phrases or (not allow_unboxed and any(not p["boxes"] for p in phrases)):
             continue
-        try:
-            record = json.loads(line)
-            phrases = record["phrases"]
-            if not allow_unboxed and any(not p["boxes"] for p in phrases):
-                continue
-            by_box: dict[tuple, list] = {}
-            for phrase in phrases:
-                spans = phrase_spans(phrase)
-                start, end = spans[0]
-                if len(spans) == 1 and record["caption"][start:end].lower() != phrase["text"].lower():
-                    raise ValueError(f"span {start}:{end} is not {phrase['text']!r}")
-                for box in phrase["boxes"]:
-                    by_box.setdefault(tuple(float(v) for v in box), []).extend(spans)
-            items.append(GroundingItem(path.parent / record["image"], record["caption"],
-                                       [list(b) for b in by_box], list(by_box.values())))
-        except (ValueError, KeyError, TypeError) as error:
-            raise InputError(f"{path}:{number}: not a grounding record ({error})") from error
+        by_box: dict[tuple, list] = {}
+        for phrase in phrases:
+            for box in phrase["boxes"]:
+                by_box.setdefault(tuple(float(v) for v in box), []).extend(phrase["spans"])
+        items.append(GroundingItem(record["image"], record["caption"], [list(b) for b in by_box],
+                                   list(by_box.values())))
     return items
 
 
@@ -263,12 +250,9 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
 
     from ..detection.grounding import GroundingPrompt, caption_prompt
     from ..io import write_text_atomic
-    path, out = Path(path), Path(out)
-    if not path.is_file():
-        raise InputError(f"caption file {path} does not exist")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = Path(out)
     lines, counts, last = [], {"captions": 0, "kept": 0, "boxes": 0}, None
-    for record in tqdm(records, desc="pseudo-label", disable=not progress, unit="cap"):
+    for record in tqdm(read_records(path), desc="pseudo-label", disable=not progress, unit="cap"):
         phrases = record.get("phrases")
         if skip_boxed and phrases is not None and all(p["boxes"] for p in phrases):
             continue
@@ -276,13 +260,12 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         if phrases is None:
             prompt = caption_prompt(record["caption"], chunker=chunker)
         else:
-            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [phrase_spans(p) for p in phrases])
+            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
         if not prompt.spans:
             continue
-        image = path.parent / record["image"]
-        if image != last:
-            predictor.set_image(image)
-            last = image
+        if record["image"] != last:
+            predictor.set_image(record["image"])
+            last = record["image"]
         result = predictor.ground_prompt(prompt).above(threshold)
         if not len(result):
             continue
@@ -291,7 +274,7 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         for box, score, label in zip(result.boxes.tolist(), result.scores.tolist(), result.labels.tolist()):
             found[label]["boxes"].append([round(v, 2) for v in box])
             found[label]["scores"].append(round(score, 4))
-        relative = Path(_relative(image, out.parent))
+        relative = Path(_relative(record["image"], out.parent))
         lines.append(json.dumps({"image": str(relative), "caption": prompt.caption, "phrases": found}))
         counts["kept"] += 1
         counts["boxes"] += len(result)

@@ -21,7 +21,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from ..detection.grounding import GroundingPrompt
-from ..data.grounding import phrase_spans
+from ..data.grounding import read_records
 from ..distributed import init_distributed
 from ..errors import InputError
 
@@ -33,22 +33,7 @@ def read_grounding(path: str | Path) -> tuple[list[dict], dict[str, str]]:
     """The records of a grounding JSONL file (phrase spans checked against their captions) and, when a synthetic
     world.json lies beside it, each thing or stuff name's group ('base', 'novel', 'stuff')."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"grounding file {path} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            for phrase in record["phrases"]:
-                phrase["spans"] = phrase_spans(phrase)
-                if not all(0 <= start < end <= len(record["caption"]) for start, end in phrase["spans"]):
-                    raise ValueError(f"a span of {phrase['text']!r} is outside the caption")
-            record["image"] = str(path.parent / record["image"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise InputError(f"{path}:{number}: not a grounding record ({error})") from error
-        records.append(record)
+    records = read_records(path)
     groups = {}
     world = path.parent / "world.json"
     if world.is_file():

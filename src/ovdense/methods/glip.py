@@ -525,7 +525,11 @@ class GLIPDetector(TrainedModel, nn.Module):
         T) bool] (each phrase's tokens) -> [{'boxes': (N, 4) pixel-index xyxy, 'scores': (N,) sqrt(phrase score x
         centerness), 'labels': (N,) phrase index}], GLIP's per-level candidates (phrase score, the mean of its
         tokens' sigmoids, above `score_threshold`, then the best 1000 by score x centerness)."""
-        out = self.head(levels, text)
+        return self.candidates(self.head(levels, text), token_maps, score_threshold)
+
+    def candidates(self, out: dict[str, torch.Tensor], token_maps: list[torch.Tensor],
+                   score_threshold: float = PRE_NMS_THRESHOLD) -> list[dict[str, torch.Tensor]]:
+        """`predict` after the head: its output `out` -> the candidates per image."""
         anchors = self.anchors(out["shapes"])
         sizes = [len(a) for a in anchors]
         results = []
