@@ -366,6 +366,28 @@ def cmd_pseudo_label(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A training-free segmenter as ONNX (image encoder with dynamic batch, height and width) plus the vocabulary's
+    text embeddings, for onnxruntime alone (`ovdense.onnx_runtime.OnnxSegmenter`)."""
+    from .backbones import load_clip
+    from .io import prepare_output_dir
+    from .onnx_export import export_onnx
+    from .text import resolve_templates
+    if args.format != "onnx":
+        raise UsageError(f"--format {args.format}: only onnx is supported")
+    vocabulary = _vocabulary(args)
+    clip = load_clip(args.model or args.default_model, args.weights or args.default_weights, device="cpu")
+    mode = args.mode or "maskclip"
+    if mode not in clip.supported_modes():
+        raise UsageError(f"--mode {mode} is not available for {clip.name}; choose one of "
+                         f"{', '.join(clip.supported_modes())}")
+    out_dir = prepare_output_dir(args.output)
+    paths = export_onnx(clip, mode, vocabulary.names, resolve_templates(args.templates), out_dir)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}; segment with onnxruntime alone: "
+          f"ovdense.onnx_runtime.OnnxSegmenter('{out_dir}')")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
     from .data.synthetic import SyntheticWorld
@@ -750,6 +772,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--chunker", choices=CHUNKERS, default="auto", help="noun phrases of plain captions")
     _add_detector_args(pl, methods=("glip",))
     pl.set_defaults(func=cmd_pseudo_label)
+
+    ex = sub.add_parser("export", formatter_class=_Formatter,
+                        help="export a training-free segmenter for onnxruntime (image encoder + text embeddings)")
+    ex.add_argument("--format", default="onnx", help="onnx (the only one)")
+    ex.add_argument("--classes", help="the vocabulary whose text embeddings are stored ('sky, grass; lawn')")
+    ex.add_argument("--classes-file", help="one class per line")
+    ex.add_argument("--model", help="open_clip architecture (default: the shipped ovdense-tiny-vit)")
+    ex.add_argument("--weights", help="CLIP weights (default: synthetic)")
+    ex.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: maskclip)")
+    ex.add_argument("--templates", choices=TEMPLATE_SETS, default="imagenet80", help="prompt templates")
+    ex.add_argument("--output", default="outputs/onnx", help="the folder for the three files")
+    ex.set_defaults(func=cmd_export, default_model="ovdense-tiny-vit", default_weights="synthetic")
 
     ev = sub.add_parser("eval", formatter_class=_Formatter,
                         help="mIoU of a segmenter on a standard dataset, or AP of a detector on COCO / LVIS JSON")

@@ -1,0 +1,55 @@
+"""Segmentation with onnxruntime alone (numpy, Pillow, onnxruntime; no torch) from an `ovdense export --format onnx`
+folder: resize the short side, normalise, run the image encoder once, cosine with the stored text embeddings,
+upsample the logits bilinearly to the image and take the best class.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+class OnnxSegmenter:
+    """folder: what `ovdense.onnx_export.export_onnx` wrote. short: the side images are resized to (0: as they are)."""
+
+    def __init__(self, folder: str | Path, short: int = 448, providers: list[str] | None = None):
+        import onnxruntime
+        folder = Path(folder)
+        self.config = json.loads((folder / "ovdense_onnx.json").read_text(encoding="utf-8"))
+        self.text = np.load(folder / "text_embeddings.npy")  # (K, D)
+        self.session = onnxruntime.InferenceSession(str(folder / "image_encoder.onnx"),
+                                                    providers=providers or ["CPUExecutionProvider"])
+        self.short = short
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config["classes"]
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 normalised images -> (B, D, h, w) unit-norm dense features."""
+        return self.session.run(None, {"images": pixels.astype(np.float32)})[0]
+
+    def prepare(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (1, 3, h, w) float32: the short side to `short` (bicubic), normalised."""
+        image = Image.fromarray(rgb)
+        if self.short:
+            scale = self.short / min(image.size)
+            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        pixels = (pixels - np.array(self.config["image_mean"], np.float32)) / np.array(self.config["image_std"],
+                                                                                       np.float32)
+        return pixels.transpose(2, 0, 1)[None]
+
+    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 image -> ((H, W) int64 class indices, (K, H, W) float32 class probabilities)."""
+        height, width = rgb.shape[:2]
+        features = self.features(self.prepare(rgb))[0]  # (D, h, w)
+        logits = np.einsum("dhw,kd->khw", features, self.text) * self.config["logit_scale"]
+        upsampled = np.stack([np.asarray(Image.fromarray(m).resize((width, height), Image.BILINEAR)) for m in logits])
+        upsampled = upsampled - upsampled.max(axis=0, keepdims=True)
+        probs = np.exp(upsampled)
+        probs /= probs.sum(axis=0, keepdims=True)
+        return probs.argmax(axis=0), probs
