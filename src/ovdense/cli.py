@@ -388,6 +388,35 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve segmentation over HTTP (see `ovdense.serve`); beyond loopback an --api-key is required."""
+    import ipaddress
+    if args.port < 0 or args.port > 65535 or args.queue < 0 or args.timeout <= 0 or args.max_upload_mb <= 0:
+        raise UsageError("--port must be 0-65535, --queue >= 0, --timeout and --max-upload-mb > 0")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.api_key:
+        raise UsageError(f"--host {args.host} is reachable beyond this machine: give --api-key KEY (clients send "
+                         "'Authorization: Bearer KEY')")
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as error:
+        raise UsageError("ovdense serve needs FastAPI and uvicorn: pip install 'ovdense[serve]'") from error
+    _check_model_options(args)
+    predictor = _build_predictor(args)
+    described = {**_describe(predictor), "preset": args.preset, "device": str(predictor.device)}
+    app = create_app(predictor, described, api_key=args.api_key, max_upload=int(args.max_upload_mb * 1024 * 1024),
+                     queue=args.queue, timeout=args.timeout)
+    print(f"serving {described['method']} on {described['model']} at http://{args.host}:{args.port} "
+          "(docs at /docs)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from . import demo
     from .data.synthetic import SyntheticWorld
@@ -729,6 +758,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--zoom", type=int, default=4, help="the 96 px scene is shown this many times larger")
     demo.add_argument("--output", default="outputs/demo", help="folder for the pictures and JSON")
     demo.set_defaults(func=cmd_demo)
+
+    srv = sub.add_parser("serve", formatter_class=_Formatter, help="serve segmentation over HTTP (FastAPI)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (beyond loopback needs --api-key)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="bearer token required on /v1 requests")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
+    srv.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (more get 503)")
+    srv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
+    _add_model_args(srv, default_model="ovdense-tiny-vit", default_weights="synthetic")
+    srv.set_defaults(func=cmd_serve)
 
     seg = sub.add_parser("segment", formatter_class=_Formatter, help="segment images with free-text classes")
     seg.add_argument("images", nargs="+", help="image files, folders (their images) or globs ('photos/**/*.jpg')")
