@@ -30,7 +30,7 @@ def _png(array) -> bytes:
 def test_segment_returns_the_apis_json_and_an_overlay(predictor, scene):
     client = TestClient(create_app(predictor, DESCRIBED))
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/v1/models").json() == DESCRIBED
+    assert client.get("/v1/models").json() == {**DESCRIBED, "detector": None}
     response = client.post("/v1/segment", files={"image": ("scene.png", _png(scene), "image/png")},
                            data={"classes": "red, blue", "overlay": "true"})
     assert response.status_code == 200
@@ -64,10 +64,35 @@ def test_an_api_key_is_required_when_set(predictor, scene):
     assert client.get("/healthz").status_code == 200
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json() == DESCRIBED
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).json()["model"] == "tiny-vit"
 
 
 def test_binding_beyond_loopback_needs_an_api_key(capsys):
     from ovdense.cli import main
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_detect_and_ground_endpoints_equal_the_api(predictor, scene, tiny_rn, tmp_path):
+    import torch
+
+    from ovdense.detection.predictor import GroundingPredictor
+    from ovdense.methods.glip import GLIPDetector
+    torch.manual_seed(0)
+    glip = GLIPDetector(tiny_rn, channels=32, layers=1, fusion_dim=64, fusion_heads=2, text_heads=2, groups=8)
+    grounder = GroundingPredictor(glip, "glip-synthetic")
+    client = TestClient(create_app(predictor, DESCRIBED, detector=grounder, detector_described={"method": "glip"}))
+    files = {"image": ("scene.png", _png(scene))}
+    detected = client.post("/v1/detect", files=files, data={"classes": "red square, blue square", "threshold": "0"})
+    assert detected.status_code == 200
+    assert detected.json()["detections"] == grounder(scene, "red square, blue square").to_list()
+    grounded = client.post("/v1/ground", files=files, data={"caption": "a red square left of a blue square",
+                                                            "threshold": "0", "overlay": "true"})
+    grounder.set_image(scene)
+    expected = grounder.ground("a red square left of a blue square").summary()
+    assert grounded.json()["phrases"] == expected["phrases"] and "overlay_png" in grounded.json()
+    assert client.post("/v1/ground", files=files, data={"caption": "a red square", "phrases": "green bar"}
+                       ).status_code == 400
+    assert client.post("/v1/detect", files=files, data={"classes": "red", "threshold": "2"}).status_code == 400
+    assert TestClient(create_app(predictor, DESCRIBED)).post("/v1/detect", files=files,
+                                                             data={"classes": "red"}).status_code == 404

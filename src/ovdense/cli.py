@@ -409,8 +409,14 @@ def cmd_serve(args) -> int:
     _check_model_options(args)
     predictor = _build_predictor(args)
     described = {**_describe(predictor), "preset": args.preset, "device": str(predictor.device)}
+    detector = detector_described = None
+    if args.detector != "none":
+        detector, detector_described = _build_detection_predictor(argparse.Namespace(
+            method=args.detector, checkpoint=args.detector_checkpoint,
+            weights=args.detector_weights or (None if args.detector_checkpoint else "synthetic"), device=args.device,
+            no_cache=args.no_cache, preset=None))
     app = create_app(predictor, described, api_key=args.api_key, max_upload=int(args.max_upload_mb * 1024 * 1024),
-                     queue=args.queue, timeout=args.timeout)
+                     queue=args.queue, timeout=args.timeout, detector=detector, detector_described=detector_described)
     print(f"serving {described['method']} on {described['model']} at http://{args.host}:{args.port} "
           "(docs at /docs)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -766,6 +772,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
     srv.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (more get 503)")
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
+    srv.add_argument("--detector", choices=("none",) + DETECTION_METHODS, default="glip",
+                     help="the detector behind /v1/detect (and, glip, /v1/ground)")
+    srv.add_argument("--detector-checkpoint", help="its trained file (default: the one shipped, --detector-weights "
+                                                   "synthetic)")
+    srv.add_argument("--detector-weights", help="'synthetic' (shipped) or CLIP weights for a --detector-checkpoint")
     _add_model_args(srv, default_model="ovdense-tiny-vit", default_weights="synthetic")
     srv.set_defaults(func=cmd_serve)
 

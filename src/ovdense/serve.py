@@ -24,9 +24,10 @@ MAX_UPLOAD = 20 * 1024 * 1024
 
 
 def create_app(predictor, described: dict, api_key: str | None = None, max_upload: int = MAX_UPLOAD,
-               queue: int = 16, timeout: float = 120.0):
+               queue: int = 16, timeout: float = 120.0, detector=None, detector_described: dict | None = None):
     """The ASGI app around a SegmentationPredictor. described: what /v1/models reports (model, weights, method,
-    preset, device). api_key: a bearer token every /v1 request must carry (None: none needed)."""
+    preset, device). api_key: a bearer token every /v1 request must carry (None: none needed). detector: a
+    DetectionPredictor or GroundingPredictor for /v1/detect (and, a GroundingPredictor, /v1/ground)."""
     app = FastAPI(title="ovdense", description="Open-vocabulary segmentation", version="1")
     model_lock = threading.Lock()
     waiting = asyncio.Semaphore(queue + 1)
@@ -57,41 +58,92 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
 
     @app.get("/v1/models", dependencies=[Depends(authorised)])
     async def models() -> dict:
-        return described
+        return {**described, "detector": detector_described}
 
-    def segment_bytes(data: bytes, classes: str, overlay: bool) -> dict:
+    def vocabulary_of(classes: str):
         try:
-            vocabulary = Vocabulary.parse(classes)
+            return Vocabulary.parse(classes)
         except ValueError as error:
             raise InputError(f"classes: {error}") from error
+
+    def image_of(data: bytes):
         try:
-            image = Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data))
         except (UnidentifiedImageError, OSError) as error:
             raise InputError("the upload is not an image that can be read") from error
-        with model_lock:
-            result = predictor(image, vocabulary)
-        out = {**described, **result.summary(rle=True)}
-        if overlay:
+
+    def answer(result, about: dict, picture: bool) -> dict:
+        out = {**about, **result.summary()}
+        if picture:
             buffer = io.BytesIO()
             result.plot().save(buffer, format="PNG")
             out["overlay_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
         return out
 
-    @app.post("/v1/segment", dependencies=[Depends(authorised)])
-    async def segment(image: UploadFile = File(...), classes: str = Form(...), overlay: bool = Form(False)) -> dict:
-        """Segment an uploaded image with free-text classes ('sky, grass; lawn'): the JSON of `ovdense segment`
-        (segments with COCO RLE masks) and, with overlay=true, the overlay as a base64 PNG."""
-        data = await image.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPError(413, f"the upload is over {max_upload} bytes")
+    def segment_bytes(data: bytes, classes: str, overlay: bool) -> dict:
+        vocabulary, image = vocabulary_of(classes), image_of(data)
+        with model_lock:
+            result = predictor(image, vocabulary)
+        return answer(result, described, overlay)
+
+    def detect_bytes(data: bytes, classes: str, threshold: float, overlay: bool) -> dict:
+        vocabulary, image = vocabulary_of(classes), image_of(data)
+        with model_lock:
+            result = detector(image, vocabulary).above(threshold)
+        return answer(result, detector_described, overlay)
+
+    def ground_bytes(data: bytes, caption: str, phrases: str | None, threshold: float, overlay: bool) -> dict:
+        wanted = None if phrases is None else [p.strip() for p in phrases.split(";") if p.strip()]
+        image = image_of(data)
+        with model_lock:
+            detector.set_image(image)
+            result = detector.ground(caption, wanted).above(threshold)
+        return answer(result, detector_described, overlay)
+
+    async def run(work, *args) -> dict:
         if waiting.locked():
             raise HTTPError(503, "too many requests are waiting; try again shortly")
         async with waiting:
             try:
-                return await asyncio.wait_for(asyncio.to_thread(segment_bytes, data, classes, overlay), timeout)
+                return await asyncio.wait_for(asyncio.to_thread(work, *args), timeout)
             except InputError as error:
                 raise HTTPError(400, str(error)) from error
             except asyncio.TimeoutError as error:
                 raise HTTPError(504, f"the request took longer than {timeout:g} s") from error
+
+    async def read(image: UploadFile) -> bytes:
+        data = await image.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPError(413, f"the upload is over {max_upload} bytes")
+        return data
+
+    def check_threshold(threshold: float) -> None:
+        if not 0 <= threshold < 1:
+            raise HTTPError(400, f"threshold must be in [0, 1), got {threshold}")
+
+    @app.post("/v1/segment", dependencies=[Depends(authorised)])
+    async def segment(image: UploadFile = File(...), classes: str = Form(...), overlay: bool = Form(False)) -> dict:
+        """Segment an uploaded image with free-text classes ('sky, grass; lawn'): the JSON of `ovdense segment`
+        (segments with COCO RLE masks) and, with overlay=true, the overlay as a base64 PNG."""
+        return await run(segment_bytes, await read(image), classes, overlay)
+
+    @app.post("/v1/detect", dependencies=[Depends(authorised)])
+    async def detect(image: UploadFile = File(...), classes: str = Form(...), threshold: float = Form(0.3),
+                     overlay: bool = Form(False)) -> dict:
+        """Boxes of free-text classes: the JSON of `ovdense detect` and, with overlay=true, the box drawing."""
+        if detector is None:
+            raise HTTPError(404, "this server has no detector: start it with --detector")
+        check_threshold(threshold)
+        return await run(detect_bytes, await read(image), classes, threshold, overlay)
+
+    @app.post("/v1/ground", dependencies=[Depends(authorised)])
+    async def ground(image: UploadFile = File(...), caption: str = Form(...), phrases: str | None = Form(None),
+                     threshold: float = Form(0.3), overlay: bool = Form(False)) -> dict:
+        """Boxes of a caption's phrases (its noun phrases, or `phrases` separated by ';'): the JSON of
+        `ovdense ground` and, with overlay=true, the box drawing."""
+        if detector is None or not hasattr(detector, "ground"):
+            raise HTTPError(404, "this server has no grounding detector: start it with --detector glip")
+        check_threshold(threshold)
+        return await run(ground_bytes, await read(image), caption, phrases, threshold, overlay)
 
     return app
