@@ -12,13 +12,17 @@ import asyncio
 import base64
 import io
 import threading
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 from .text import Vocabulary
+from .visualize import class_colours
+
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 MAX_UPLOAD = 20 * 1024 * 1024
 
@@ -52,6 +56,11 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         if api_key is not None and authorization != f"Bearer {api_key}":
             raise HTTPError(401, "a valid 'Authorization: Bearer <key>' header is required")
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        """The browser page: drop an image, type classes or a caption, see the picture with a legend."""
+        return PAGE.read_text(encoding="utf-8")
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -73,7 +82,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
             raise InputError("the upload is not an image that can be read") from error
 
     def answer(result, about: dict, picture: bool) -> dict:
-        out = {**about, **result.summary()}
+        colours = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in class_colours(list(result.class_names))]
+        out = {**about, **result.summary(), "colours": colours}  # the pictures' class colours, for a legend
         if picture:
             buffer = io.BytesIO()
             result.plot().save(buffer, format="PNG")
