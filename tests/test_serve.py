@@ -96,3 +96,84 @@ def test_detect_and_ground_endpoints_equal_the_api(predictor, scene, tiny_rn, tm
     assert client.post("/v1/detect", files=files, data={"classes": "red", "threshold": "2"}).status_code == 400
     assert TestClient(create_app(predictor, DESCRIBED)).post("/v1/detect", files=files,
                                                              data={"classes": "red"}).status_code == 404
+
+
+# ------------------------------------------------------------------------------------- a live server on loopback
+class _Live:
+    """uvicorn serving `app` on a free loopback port in a thread; `stop()` shuts it down gracefully."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=30))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def _post_segment(url, png, classes="red, blue"):
+    import httpx
+    return httpx.post(f"{url}/v1/segment", files={"image": ("s.png", png)}, data={"classes": classes}, timeout=60)
+
+
+def test_sixteen_concurrent_clients_all_get_answers(predictor, scene):
+    from concurrent.futures import ThreadPoolExecutor
+    live = _Live(create_app(predictor, DESCRIBED, queue=16))
+    try:
+        png = _png(scene)
+        with ThreadPoolExecutor(16) as pool:
+            statuses = [r.status_code for r in pool.map(lambda _: _post_segment(live.url, png), range(16))]
+        assert statuses == [200] * 16
+    finally:
+        live.stop()
+
+
+def test_a_client_that_disconnects_mid_upload_costs_nothing(predictor, scene):
+    import socket
+    live = _Live(create_app(predictor, DESCRIBED))
+    try:
+        with socket.create_connection(("127.0.0.1", live.port)) as raw:
+            raw.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                        b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; "
+                        b"filename=\"s.png\"\r\n\r\n" + _png(scene)[:200])
+        response = _post_segment(live.url, _png(scene))
+        assert response.status_code == 200 and response.json()["segments"]
+    finally:
+        live.stop()
+
+
+def test_shutdown_lets_requests_in_flight_finish(predictor, scene):
+    import threading
+    import time
+
+    def slow(image, vocabulary):  # half a second each, one at a time: four take two seconds
+        time.sleep(0.5)
+        return predictor(image, vocabulary)
+    live = _Live(create_app(slow, DESCRIBED))
+    png, results = _png(scene), []
+    clients = [threading.Thread(target=lambda: results.append(_post_segment(live.url, png).status_code))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    time.sleep(0.3)  # the requests are in, the first one running
+    started = time.perf_counter()
+    live.stop()
+    assert time.perf_counter() - started > 1.0  # the shutdown waited for them
+    for client in clients:
+        client.join(timeout=60)
+    assert results == [200] * 4
