@@ -27,6 +27,17 @@ def _png(array) -> bytes:
     return buffer.getvalue()
 
 
+def _huge_png(width: int, height: int) -> bytes:
+    """A small file whose PNG header declares width x height pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(10))) + chunk(b"IEND", b"")
+
+
 def test_segment_returns_the_apis_json_and_an_overlay(predictor, scene):
     client = TestClient(create_app(predictor, DESCRIBED))
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -51,6 +62,8 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
         ({"image": ("s.png", _png(scene))}, {"classes": " , "}, 400, "classes"),
         ({"image": ("big.bin", bytes(60_000))}, {"classes": "red"}, 413, "bytes"),
         ({"image": ("s.png", _png(scene))}, {}, 422, None),  # classes missing: FastAPI's validation error
+        ({"image": ("huge.png", _huge_png(20_000, 20_000))}, {"classes": "red"}, 400, "too large"),
+        ({"image": ("big.png", _huge_png(10_000, 10_000))}, {"classes": "red"}, 400, "pixels"),
     ]
     for files, data, status, message in cases:
         response = client.post("/v1/segment", files=files, data=data)

@@ -76,9 +76,13 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
             raise InputError(f"classes: {error}") from error
 
     def image_of(data: bytes):
+        """The upload opened lazily (its pixels are decoded by the predictor, which refuses over-large images from
+        their header)."""
         try:
             return Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError) as error:
+        except Image.DecompressionBombError as error:
+            raise InputError(f"the image is too large to read ({error})") from error
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             raise InputError("the upload is not an image that can be read") from error
 
     def answer(result, about: dict, picture: bool) -> dict:
