@@ -25,6 +25,9 @@ from ..io import atomic_path
 from ..text import TextEmbeddingCache
 
 
+NO_CLIP = "none"  # the recorded model of a method built without a CLIP (GLIP-T: Swin-T and BERT are in its file)
+
+
 class TrainedModel:
     """What trained models share: `name`, `backbone` (the CLIP they were built on) and the constructor arguments
     besides it in `self.config`; `saved_prefixes`: frozen parts saved all the same (they do not come from the CLIP)."""
@@ -44,10 +47,17 @@ class TrainedModel:
         if metadata["method"] != cls.name:
             raise CheckpointError(f"{path} holds a {metadata['method']} model, not {cls.name}: pass "
                                   f"--method {metadata['method']}")
-        backbone = load_clip(metadata["model"], weights or metadata["weights"], device=device)
-        method = cls(backbone, **{**metadata["config"], **overrides})
+        backbone = None if metadata["model"] == NO_CLIP else load_clip(metadata["model"], weights or metadata["weights"],
+                                                                        device=device)
+        method = cls(backbone, **cls.restore_arguments({**metadata["config"], **overrides}))
         load_trained_state(method, state, str(path))
         return method.to(device).eval()
+
+    @classmethod
+    def restore_arguments(cls, config: dict) -> dict:
+        """The constructor arguments that rebuild a saved method from its recorded `config` (e.g. without
+        downloading weights the file holds)."""
+        return config
 
 
 class DenseMethod(TrainedModel, nn.Module):

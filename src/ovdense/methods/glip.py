@@ -20,11 +20,11 @@ from torch import nn
 from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from ..backbones import CLIPBackbone, load_clip
+from ..backbones import CLIPBackbone
 from ..errors import InputError
 from ..detection import atss
 from ..text.tokens import BertTokenText, CLIPTokenText, TokenizedText
-from .base import TrainedModel
+from .base import NO_CLIP, TrainedModel
 from .regionclip import freeze_resnet_tower
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -286,7 +286,7 @@ class Scale(nn.Module):
 class _NoCLIP:
     """What a GLIP-T file records as its CLIP: none (Swin-T and BERT travel in the file)."""
 
-    name = weights = "none"
+    name = weights = NO_CLIP
 
 
 _NO_CLIP = _NoCLIP()
@@ -407,20 +407,9 @@ class GLIPDetector(TrainedModel, nn.Module):
             (("text.model.",) if self.config["text"] == "bert" else ())
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu", weights: str | None = None, **overrides) -> "GLIPDetector":
-        """As TrainedModel's; a GLIP-T file (no CLIP) builds Swin-T and BERT from their configs, the file holding their
-        weights."""
-        from ..engine.trainer import load_trained_state
-        from .base import read_trained
-        metadata, state = read_trained(path)
-        if metadata["method"] != cls.name:
-            return super().from_checkpoint(path, device, weights, **overrides)  # its clear error
-        clip = None if metadata["model"] == _NO_CLIP.name else load_clip(metadata["model"], weights or
-                                                                          metadata["weights"], device=device)
-        config = {**metadata["config"], **overrides}
-        model = cls(clip, **config, **({"pretrained_text": False} if config.get("text") == "bert" else {}))
-        load_trained_state(model, state, str(path))
-        return model.to(device).eval()
+    def restore_arguments(cls, config: dict) -> dict:
+        """BERT is built from its config: a GLIP file holds its weights."""
+        return {**config, "pretrained_text": False} if config.get("text") == "bert" else config
 
     @property
     def device(self) -> torch.device:
