@@ -410,3 +410,16 @@ def test_a_broken_grounding_file_is_named_with_its_line(tmp_path):
             read_records(path)
     with pytest.raises(InputError, match="does not exist"):
         read_records(tmp_path / "missing.jsonl")
+
+
+def test_pseudo_labels_keep_every_piece_of_a_phrase(tmp_path):
+    from ovdense.data.grounding import read_records
+    from ovdense.engine.glip_train import pseudo_label
+    caption = "a red and shiny star"
+    record = {"image": "a.png", "caption": caption,
+              "phrases": [{"text": "red star", "span": [2, 5], "spans": [[2, 5], [16, 20]], "boxes": []}]}
+    (tmp_path / "in.jsonl").write_text(json.dumps(record) + "\n")
+    pseudo_label(_FixedGrounder({caption: [[[1, 1, 10, 10]]]}), tmp_path / "in.jsonl", tmp_path / "out.jsonl",
+                 threshold=0.5, progress=False)
+    phrase = read_records(tmp_path / "out.jsonl")[0]["phrases"][0]
+    assert phrase["spans"] == [(2, 5), (16, 20)] and phrase["boxes"] == [[1.0, 1.0, 10.0, 10.0]]

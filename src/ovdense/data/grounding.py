@@ -54,6 +54,23 @@ def phrase_spans(phrase: dict) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in phrase.get("spans") or [phrase["span"]]]
 
 
+def phrase_record(text: str, spans: list[tuple[int, int]], boxes: list[list[float]], **extra) -> dict:
+    """A phrase as the JSONL holds it: its text, its first span and all of them ('spans'), its boxes, and `extra`."""
+    return {"text": text, "span": list(spans[0]), "spans": [list(s) for s in spans], "boxes": boxes, **extra}
+
+
+def record_prompt(record: dict):
+    """A record read by `read_records` -> the GroundingPrompt of its caption and phrases (their known spans)."""
+    from ..detection.grounding import GroundingPrompt
+    phrases = record["phrases"]
+    return GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
+
+
+def relative_image(image: str | Path, out: Path) -> str:
+    """An image's path relative to the folder of the JSONL file `out` (how the files name their images)."""
+    return os.path.relpath(Path(image).resolve(), out.parent.resolve())
+
+
 def mdetr_to_jsonl(annotations: str | Path, images: str | Path, out: str | Path) -> int:
     """Write `out` from an MDETR annotation file whose images are in `images`; returns the number of captions."""
     annotations, images, out = Path(annotations), Path(images), Path(out)
@@ -69,10 +86,10 @@ def mdetr_to_jsonl(annotations: str | Path, images: str | Path, out: str | Path)
             for a in boxes_of[entry["id"]]:
                 x, y, w, h = a["bbox"]
                 phrases.setdefault(tuple(tuple(s) for s in a["tokens_positive"]), []).append([x, y, x + w, y + h])
-            records = [{"text": " ".join(caption[s:e] for s, e in spans), "span": list(spans[0]),
-                        "spans": [list(s) for s in spans], "boxes": boxes} for spans, boxes in phrases.items()]
-            image = os.path.relpath((images / entry["file_name"]).resolve(), out.parent.resolve())
-            lines.append(json.dumps({"image": image, "caption": caption, "phrases": records}))
+            records = [phrase_record(" ".join(caption[s:e] for s, e in spans), spans, boxes)
+                       for spans, boxes in phrases.items()]
+            lines.append(json.dumps({"image": relative_image(images / entry["file_name"], out), "caption": caption,
+                                     "phrases": records}))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{annotations}: not an MDETR annotation file ({error})") from error
     write_text_atomic(out, "".join(line + "\n" for line in lines))

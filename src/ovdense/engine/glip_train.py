@@ -20,7 +20,7 @@ import torch
 
 from ..backbones import load_clip
 from ..data.detection import DetectionDataset
-from ..data.grounding import read_records
+from ..data.grounding import phrase_record, read_records, record_prompt, relative_image
 from ..data.images import load_image
 from ..detection.grounding import positive_map, training_prompt
 from ..detection.images import pad_batch, prepare_image
@@ -248,7 +248,7 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
     """
     from tqdm import tqdm
 
-    from ..detection.grounding import GroundingPrompt, caption_prompt
+    from ..detection.grounding import caption_prompt
     from ..io import write_text_atomic
     out = Path(out)
     lines, counts, last = [], {"captions": 0, "kept": 0, "boxes": 0}, None
@@ -257,10 +257,7 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         if skip_boxed and phrases is not None and all(p["boxes"] for p in phrases):
             continue
         counts["captions"] += 1
-        if phrases is None:
-            prompt = caption_prompt(record["caption"], chunker=chunker)
-        else:
-            prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
+        prompt = caption_prompt(record["caption"], chunker=chunker) if phrases is None else record_prompt(record)
         if not prompt.spans:
             continue
         if record["image"] != last:
@@ -269,19 +266,13 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         result = predictor.ground_prompt(prompt).above(threshold)
         if not len(result):
             continue
-        found = [{"text": text, "span": list(spans[0]), "boxes": [], "scores": []}
-                 for text, spans in zip(prompt.phrases, prompt.spans)]
+        found = [phrase_record(text, spans, [], scores=[]) for text, spans in zip(prompt.phrases, prompt.spans)]
         for box, score, label in zip(result.boxes.tolist(), result.scores.tolist(), result.labels.tolist()):
             found[label]["boxes"].append([round(v, 2) for v in box])
             found[label]["scores"].append(round(score, 4))
-        relative = Path(_relative(record["image"], out.parent))
-        lines.append(json.dumps({"image": str(relative), "caption": prompt.caption, "phrases": found}))
+        lines.append(json.dumps({"image": relative_image(record["image"], out), "caption": prompt.caption,
+                                 "phrases": found}))
         counts["kept"] += 1
         counts["boxes"] += len(result)
     write_text_atomic(out, "".join(line + "\n" for line in lines))
     return counts
-
-
-def _relative(path: Path, folder: Path) -> str:
-    import os
-    return os.path.relpath(path.resolve(), folder.resolve())

@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from ..detection.grounding import GroundingPrompt
-from ..data.grounding import read_records
+from ..data.grounding import read_records, record_prompt
 from ..distributed import init_distributed
 from ..errors import InputError
 
@@ -62,13 +61,11 @@ def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, pr
     rows = []  # (group, hits)
     last_image = None
     for record in tqdm(records[rank::world], desc="eval grounding", disable=not progress or rank != 0, unit="cap"):
-        phrases = record["phrases"]
-        prompt = GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
         if record["image"] != last_image:
             predictor.set_image(record["image"])
             last_image = record["image"]
-        result = predictor.ground_prompt(prompt)
-        for index, phrase in enumerate(phrases):
+        result = predictor.ground_prompt(record_prompt(record))
+        for index, phrase in enumerate(record["phrases"]):
             if not phrase["boxes"]:
                 continue
             mine = result.boxes[result.labels == index]  # best first
