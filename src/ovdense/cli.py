@@ -228,13 +228,19 @@ def cmd_segment(args) -> int:
 def _inputs(args) -> tuple:
     """segment / detect: (vocabulary, output folder, the input images, how many inputs matched none); each input
     that matched nothing is reported."""
-    from .io import prepare_output_dir
     vocabulary = _vocabulary(args)
+    return (vocabulary, *_images(args))
+
+
+def _images(args) -> tuple:
+    """(output folder, the input images, how many inputs matched none); each input that matched nothing is
+    reported."""
+    from .io import prepare_output_dir
     out_dir = prepare_output_dir(args.output)
     paths, unmatched = expand_inputs(args.images, exclude=out_dir)
     for message in unmatched:
         _error(message)
-    return vocabulary, out_dir, paths, len(unmatched)
+    return out_dir, paths, len(unmatched)
 
 
 def _each_image(paths: list[Path], failed: int, out_dir: Path, desc: str, quiet: bool, work) -> int:
@@ -322,20 +328,17 @@ def cmd_detect(args) -> int:
 def cmd_ground(args) -> int:
     """Boxes for the phrases of a caption in each image: <stem>_boxes.png and <stem>.json (per phrase its character
     spans and its boxes)."""
-    from .io import prepare_output_dir
+    from .detection.grounding import split_phrases
     if not 0 <= args.threshold < 1:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
     if not args.caption.strip():
         raise UsageError("--caption is empty: give the sentence whose phrases to ground")
     phrases = None
     if args.phrases is not None:
-        phrases = [p.strip() for p in args.phrases.split(";") if p.strip()]
+        phrases = split_phrases(args.phrases)
         if not phrases:
             raise UsageError("--phrases is empty: give phrases of the caption separated by ';', or leave it out")
-    out_dir = prepare_output_dir(args.output)
-    paths, unmatched = expand_inputs(args.images, exclude=out_dir)
-    for message in unmatched:
-        _error(message)
+    out_dir, paths, failed = _images(args)
     if not paths:
         return 1
     predictor, described = _build_detection_predictor(args)  # GLIP's own pre-NMS threshold; --threshold after
@@ -348,7 +351,7 @@ def cmd_ground(args) -> int:
                           + (f" (best {p['boxes'][0]['score']:.2f})" if p["boxes"] else "")
                           for p in result.summary()["phrases"])
         return f"{path}: {found} -> {out_dir / stem}_boxes.png"
-    return _each_image(paths, len(unmatched), out_dir, "ground", args.quiet, ground)
+    return _each_image(paths, failed, out_dir, "ground", args.quiet, ground)
 
 
 def cmd_pseudo_label(args) -> int:
@@ -543,8 +546,6 @@ def cmd_eval_detection(args) -> int:
     for option in ("output", "results"):
         if getattr(args, option):
             check_output_file(getattr(args, option))
-    import torch.distributed as dist
-
     from .data.detection import DetectionDataset
     from .eval.detection import check_protocol, default_protocol, evaluate_detection
     dataset = DetectionDataset(args.annotations, args.images)
@@ -555,11 +556,8 @@ def cmd_eval_detection(args) -> int:
         predictor.protocol = predictor.protocol.updated(max_detections=300)
     metrics = evaluate_detection(predictor, dataset, protocol, limit=args.limit, progress=not args.quiet,
                                  fixed_ap=args.fixed_ap, results_path=args.results)
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if not _reporting_rank():
+        return 0
     print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
     if args.output:
         report = {"annotations": str(args.annotations), "images": min(len(dataset), args.limit or len(dataset)),
@@ -567,6 +565,17 @@ def cmd_eval_detection(args) -> int:
         write_text_atomic(args.output, json.dumps(_finite(report), indent=2, allow_nan=False))
         print(f"wrote {args.output}")
     return 0
+
+
+def _reporting_rank() -> bool:
+    """After an evaluation under torchrun (every rank holds the gathered metrics): the process group is closed, and
+    True on rank 0, which reports; True without torchrun."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return True
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return rank == 0
 
 
 def cmd_eval_grounding(args) -> int:
@@ -577,16 +586,11 @@ def cmd_eval_grounding(args) -> int:
         raise UsageError(f"--grounding evaluates phrase grounding: --method glip, not {args.method}")
     if args.output:
         check_output_file(args.output)
-    import torch.distributed as dist
-
     from .eval.grounding import evaluate_grounding
     predictor, described = _build_detection_predictor(args)
     metrics = evaluate_grounding(predictor, args.grounding, limit=args.limit, progress=not args.quiet)
-    if dist.is_initialized():
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if not _reporting_rank():
+        return 0
     print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     if args.output:
         report = {"grounding": str(args.grounding), **described, "metrics": metrics}
@@ -614,18 +618,13 @@ def cmd_eval(args) -> int:
     _check_model_options(args, args.dataset)
     if args.output:
         check_output_file(args.output)
-    import torch.distributed as dist
-
     from .data import SegmentationDataset
     from .eval import evaluate_segmentation, format_table
     dataset = SegmentationDataset(args.dataset, args.root, args.split)
     predictor = _build_predictor(args, dataset=args.dataset)
     metrics = evaluate_segmentation(predictor, dataset, limit=args.limit, progress=not args.quiet)
-    if dist.is_initialized():  # under torchrun every rank holds the summed metrics; rank 0 reports them
-        rank = dist.get_rank()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
+    if not _reporting_rank():
+        return 0
     print(format_table(metrics, dataset.vocabulary.names))
     if args.output:
         report = {"dataset": args.dataset, "split": args.split, "images": min(len(dataset), args.limit or len(dataset)),

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from .detection.grounding import split_phrases
 from .errors import InputError
 from .text import Vocabulary
 from .visualize import class_colours
@@ -107,7 +108,7 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         return answer(result, detector_described, overlay)
 
     def ground_bytes(data: bytes, caption: str, phrases: str | None, threshold: float, overlay: bool) -> dict:
-        wanted = None if phrases is None else [p.strip() for p in phrases.split(";") if p.strip()]
+        wanted = None if phrases is None else split_phrases(phrases)
         image = image_of(data)
         with model_lock:
             detector.set_image(image)

@@ -102,6 +102,11 @@ def training_prompt(positives: list[str], pool: list[str], count_tokens: Callabl
     return class_prompt([names[i] for i in rng.permutation(len(names))], separator)
 
 
+def split_phrases(text: str) -> list[str]:
+    """'red star; blue circle' -> ['red star', 'blue circle'] (empty pieces dropped)."""
+    return [p.strip() for p in text.split(";") if p.strip()]
+
+
 def caption_prompt(caption: str, phrases: list[str] | None = None, chunker: str = "auto") -> GroundingPrompt:
     """A free caption and its phrases: `phrases` given (each found in the caption, case-insensitively, every
     occurrence) or the noun phrases of a chunker (see `noun_phrase_spans`)."""

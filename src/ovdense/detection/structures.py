@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +38,10 @@ class DetectionResult:
         height, width = self.image_size
         return f"DetectionResult({width}x{height}, {len(self)} boxes, {len(self.class_names)} classes)"
 
-    def above(self, threshold: float) -> "DetectionResult":
+    def above(self, threshold: float):
         """The detections scoring above `threshold` (soft-NMS decays scores below the threshold it was given)."""
         keep = self.scores > threshold
-        return DetectionResult(self.boxes[keep], self.scores[keep], self.labels[keep], self.class_names,
-                               self.image_size, self.image)
+        return replace(self, boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep])
 
     def to_list(self, decimals: int = 2) -> list[dict]:
         """Hugging Face zero-shot-object-detection style: [{'score', 'label', 'box': {'xmin', 'ymin', 'xmax',
@@ -99,11 +98,6 @@ class GroundingResult(DetectionResult):
     def __repr__(self) -> str:
         height, width = self.image_size
         return f"GroundingResult({width}x{height}, {len(self)} boxes, {len(self.class_names)} phrases)"
-
-    def above(self, threshold: float) -> "GroundingResult":
-        keep = self.scores > threshold
-        return GroundingResult(self.boxes[keep], self.scores[keep], self.labels[keep], self.class_names,
-                               self.image_size, self.image, self.caption, self.spans)
 
     def summary(self) -> dict:
         """height, width, caption, and per phrase its text, character spans and boxes ({'score', 'box'}), best first."""
