@@ -104,8 +104,8 @@ class GroundingPredictor:
 
     `set_image` runs the backbone and FPN once; `detect(vocabulary)` and `ground(caption)` then run the text encoder,
     the fusion head and post-processing for each prompt (fusion mixes image and text, so that part cannot be cached).
-    detector: a model with `clip` (image mean / std), `embed_image`, `tokenize`, `max_tokens`, `text.token_spans`
-    / `count_tokens` and `predict` (see `ovdense.methods.glip.GLIPDetector`).
+    detector: a model with `image_mean` / `image_std`, `device`, `embed_image`, `tokenize`, `count_tokens`,
+    `max_tokens` and `predict` (see `ovdense.methods.glip.GLIPDetector`).
     """
 
     def __init__(self, detector, protocol: DetectionProtocol | str = "glip", max_pixels: int | None = None):
@@ -141,9 +141,8 @@ class GroundingPredictor:
             raise InputError(f"no token of the text encoder falls on {', '.join(map(repr, lost))}")
         found = self.detector.predict(self._image["levels"], text, [token_map], protocol.score_threshold)[0]
         height, width = self._image["size"]
-        boxes = torch.stack([found["boxes"][:, 0].clamp(0, width - 1), found["boxes"][:, 1].clamp(0, height - 1),
-                             found["boxes"][:, 2].clamp(0, width - 1), found["boxes"][:, 3].clamp(0, height - 1)], 1)
-        boxes = to_continuous(boxes)
+        boxes = to_continuous(found["boxes"].clamp(min=torch.zeros(4, device=self.device),
+                                                   max=found["boxes"].new_tensor([width - 1, height - 1] * 2)))
         boxes, scores, labels = select_detections(boxes, _one_hot_scores(found["scores"], found["labels"],
                                                                           len(prompt.spans)),
                                                   0.0, protocol.nms, protocol.iou_threshold, protocol.max_detections,
