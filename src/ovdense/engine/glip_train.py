@@ -23,13 +23,13 @@ from ..data.detection import DetectionDataset
 from ..data.grounding import phrase_record, read_records, record_prompt, relative_image
 from ..data.images import load_image
 from ..detection.grounding import positive_map, training_prompt
-from ..detection.images import pad_batch, prepare_image
+from ..detection.images import pad_batch
 from ..errors import InputError
 from ..methods.glip import GLIPDetector
 from . import checks
 from .checks import within
 from .recipe import TrainSection, check_clip, check_export, check_synthesize, start_run
-from .regionclip_train import _classes, _finish, _shortest_edge, _wrapped
+from .regionclip_train import _classes, _finish, _wrapped, training_view
 from .trainer import Trainer, seeded
 
 _RELATIONS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -110,13 +110,8 @@ class GroundingTrainingSet(torch.utils.data.Dataset):
             boxes = boxes[keep]
         else:
             caption, spans = item.caption, item.spans
-        rgb = load_image(item.image)
-        height, width = rgb.shape[:2]
-        image = prepare_image(rgb, _shortest_edge(self.short, rng), self.max_size, self.mean, self.std)
-        boxes = boxes * torch.tensor([image.shape[2] / width, image.shape[1] / height] * 2)
-        if rng.random() < 0.5 and not _RELATIONS.search(caption):
-            image = image.flip(-1)
-            boxes = torch.stack([image.shape[2] - boxes[:, 2], boxes[:, 1], image.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
+        image, boxes = training_view(load_image(item.image), boxes, self.short, self.max_size, self.mean, self.std,
+                                     rng, flip=not _RELATIONS.search(caption))
         return image, caption, boxes, spans
 
     def __getitem__(self, index: int):

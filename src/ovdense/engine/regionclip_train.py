@@ -52,7 +52,6 @@ class BoxTrainingSet(torch.utils.data.Dataset):
     def sample(self, index: int, epoch: int):
         path, image_id = self.dataset[index]
         rgb = load_image(path)
-        height, width = rgb.shape[:2]
         coco = self.dataset.coco
         annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
                        if a["category_id"] in self.index_of]
@@ -60,12 +59,7 @@ class BoxTrainingSet(torch.utils.data.Dataset):
                               for a in annotations], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.index_of[a["category_id"]] for a in annotations], dtype=torch.long)
         rng = np.random.default_rng([self.seed, epoch, index])
-        image = prepare_image(rgb, _shortest_edge(self.short, rng), self.max_size, self.mean, self.std)
-        scale_y, scale_x = image.shape[1] / height, image.shape[2] / width
-        boxes = boxes * torch.tensor([scale_x, scale_y, scale_x, scale_y])
-        if self.flip and rng.random() < 0.5:
-            image = image.flip(-1)
-            boxes = torch.stack([image.shape[2] - boxes[:, 2], boxes[:, 1], image.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
+        image, boxes = training_view(rgb, boxes, self.short, self.max_size, self.mean, self.std, rng, self.flip)
         return image, {"boxes": boxes, "labels": labels, "size": torch.tensor(image.shape[1:])}
 
     def __getitem__(self, index: int):
@@ -75,6 +69,19 @@ class BoxTrainingSet(torch.utils.data.Dataset):
 def _shortest_edge(short: int | list[int], rng: np.random.Generator) -> int:
     """A training image's shortest edge: `short`, or one of the list drawn with `rng`."""
     return short if isinstance(short, int) else int(rng.choice(short))
+
+
+def training_view(rgb: np.ndarray, boxes: torch.Tensor, short: int | list[int], max_size: int, mean, std,
+                  rng: np.random.Generator, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training image and its (G, 4) xyxy boxes, resized (the shortest edge drawn with `rng` when `short` is a
+    list), normalised, and, when `flip` allows, mirrored with probability 1/2 -> ((3, h, w), (G, 4) in its pixels)."""
+    height, width = rgb.shape[:2]
+    image = prepare_image(rgb, _shortest_edge(short, rng), max_size, mean, std)
+    boxes = boxes * torch.tensor([image.shape[2] / width, image.shape[1] / height] * 2)
+    if flip and rng.random() < 0.5:
+        image = image.flip(-1)
+        boxes = torch.stack([image.shape[2] - boxes[:, 2], boxes[:, 1], image.shape[2] - boxes[:, 0], boxes[:, 3]], 1)
+    return image, boxes
 
 
 def collate_boxes(items):
