@@ -59,6 +59,14 @@ class CLIPPyramid(nn.Module):
         probe = self(torch.zeros(1, 3, 64, 64, device=clip.device))
         self.channels = [m.shape[1] for m in probe]
 
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return self.clip.image_mean
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return self.clip.image_std
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) normalised -> [(B, C_i, ceil(H / s), ceil(W / s)) for s in 8, 16, 32]."""
         if self.clip.arch == "resnet":
@@ -389,11 +397,12 @@ class GLIPDetector(TrainedModel, nn.Module):
 
     @property
     def image_mean(self) -> tuple[float, ...]:
-        return self.clip.image_mean if self.config["image"] == "clip" else self.image.image_mean
+        """The normalisation the image tower expects (its pyramid knows it)."""
+        return self.image.image_mean
 
     @property
     def image_std(self) -> tuple[float, ...]:
-        return self.clip.image_std if self.config["image"] == "clip" else self.image.image_std
+        return self.image.image_std
 
     @property
     def backbone(self):
