@@ -1,16 +1,17 @@
 """Load on `ovdense serve` over loopback: the server starts on 127.0.0.1 (the shipped tiny model unless model flags
-are given after --), N clients post segmentation requests for S seconds, and the table gives requests/s, latency
-percentiles and errors, beside the single-request latency (target: no errors; p95 under 4x the single request).
+are given after --), N clients (one asyncio loop, a kept-alive connection each) post segmentation requests for S
+seconds, and the table gives requests/s, latency percentiles and errors, beside the single-request latency (target:
+no errors; p95 under 4x the single request).
 
   python benchmarks/bench_serve_load.py [--clients 16] [--seconds 60] [--image IMG] [--classes "sky, grass"] [-- ...]
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -21,6 +22,32 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+async def load(url: str, data: bytes, classes: str, clients: int, seconds: float):
+    """(single-request latency, [(latency, status)] of `clients` clients posting for `seconds`, elapsed seconds)."""
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
+        async def post() -> tuple[float, int]:
+            start = time.perf_counter()
+            try:
+                status = (await client.post("/v1/segment", files={"image": ("i.png", data)},
+                                            data={"classes": classes})).status_code
+            except httpx.HTTPError:
+                status = -1
+            return time.perf_counter() - start, status
+
+        for _ in range(3):
+            await post()
+        single = float(np.median([(await post())[0] for _ in range(20)]))
+        results: list[tuple[float, int]] = []
+        deadline = time.perf_counter() + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < deadline:
+                results.append(await post())
+        began = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+        return single, results, time.perf_counter() - began
 
 
 def main() -> None:
@@ -42,39 +69,17 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        data = open(args.image, "rb").read()
-
-        def post() -> tuple[float, int]:
-            start = time.perf_counter()
-            try:
-                status = httpx.post(f"{url}/v1/segment", files={"image": ("i.png", data)},
-                                    data={"classes": args.classes}, timeout=120).status_code
-            except httpx.HTTPError:
-                status = -1
-            return time.perf_counter() - start, status
-
-        post()
-        single = float(np.median([post()[0] for _ in range(5)]))
-        results: list[tuple[float, int]] = []
-        deadline = time.perf_counter() + args.seconds
-
-        def client() -> None:
-            while time.perf_counter() < deadline:
-                results.append(post())
-        threads = [threading.Thread(target=client) for _ in range(args.clients)]
-        began = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - began
+        with open(args.image, "rb") as file:
+            data = file.read()
+        single, results, elapsed = asyncio.run(load(url, data, args.classes, args.clients, args.seconds))
     finally:
         server.terminate()
         server.wait(timeout=30)
     latencies = np.array([t for t, s in results if s == 200])
     errors = sum(s != 200 for _, s in results)
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
-    print(f"{args.clients} clients for {args.seconds:g} s on {url}, image {args.image}")
+    print(f"{args.clients} clients for {args.seconds:g} s on {url}, image {args.image}, server flags "
+          f"{' '.join(args.server_args) or '(defaults)'}")
     print(f"{'requests':>8} {'req/s':>7} {'single s':>9} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'errors':>6} "
           f"{'p95 / single':>12}")
     print(f"{len(results):>8} {len(results) / elapsed:>7.2f} {single:>9.3f} {p50:>7.3f} {p95:>7.3f} {p99:>7.3f} "

@@ -64,6 +64,9 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
         ({"image": ("s.png", _png(scene))}, {}, 422, None),  # classes missing: FastAPI's validation error
         ({"image": ("huge.png", _huge_png(20_000, 20_000))}, {"classes": "red"}, 400, "too large"),
         ({"image": ("big.png", _huge_png(10_000, 10_000))}, {"classes": "red"}, 400, "pixels"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red", "templates": "klingon"}, 400, "template set"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red", "logit_scale": "-1"}, 400, "logit_scale"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red", "pamr": "-2"}, 400, "--pamr"),
     ]
     for files, data, status, message in cases:
         response = client.post("/v1/segment", files=files, data=data)
@@ -139,9 +142,10 @@ class _Live:
         self.thread.join(timeout=30)
 
 
-def _post_segment(url, png, classes="red, blue"):
+def _post_segment(url, png, classes="red, blue", **fields):
     import httpx
-    return httpx.post(f"{url}/v1/segment", files={"image": ("s.png", png)}, data={"classes": classes}, timeout=60)
+    return httpx.post(f"{url}/v1/segment", files={"image": ("s.png", png)}, data={"classes": classes, **fields},
+                      timeout=60)
 
 
 def test_sixteen_concurrent_clients_all_get_answers(predictor, scene):
@@ -170,14 +174,25 @@ def test_a_client_that_disconnects_mid_upload_costs_nothing(predictor, scene):
         live.stop()
 
 
+class _Slow:
+    """A predictor whose every batch takes `seconds` longer; it records the batches it ran."""
+
+    def __init__(self, predictor, seconds: float):
+        self.predictor, self.seconds, self.batches, self.overrides = predictor, seconds, [], []
+        self.protocol = predictor.protocol
+
+    def predict_batch(self, images, vocabularies, **overrides):
+        import time
+        time.sleep(self.seconds)
+        self.batches.append([", ".join(v.names) for v in vocabularies])
+        self.overrides.append(overrides)
+        return self.predictor.predict_batch(images, vocabularies, **overrides)
+
+
 def test_shutdown_lets_requests_in_flight_finish(predictor, scene):
     import threading
     import time
-
-    def slow(image, vocabulary):  # half a second each, one at a time: four take two seconds
-        time.sleep(0.5)
-        return predictor(image, vocabulary)
-    live = _Live(create_app(slow, DESCRIBED))
+    live = _Live(create_app(_Slow(predictor, 0.5), DESCRIBED, batch=1))  # one at a time: four take two seconds
     png, results = _png(scene), []
     clients = [threading.Thread(target=lambda: results.append(_post_segment(live.url, png).status_code))
                for _ in range(4)]
@@ -190,3 +205,111 @@ def test_shutdown_lets_requests_in_flight_finish(predictor, scene):
     for client in clients:
         client.join(timeout=60)
     assert results == [200] * 4
+
+
+def test_requests_waiting_together_run_as_one_batch_with_their_own_answers(predictor, scene):
+    from concurrent.futures import ThreadPoolExecutor
+    slow = _Slow(predictor, 0.3)
+    live = _Live(create_app(slow, DESCRIBED, batch=8))
+    requests = [(v, {}) for v in ["red, blue", "blue, green", "red", "green, red, blue", "blue"] * 2]
+    requests += [("red, blue", {"pamr": "0", "logit_scale": "50"}), ("blue, green", {"pamr": "0", "logit_scale": "50"})]
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            responses = list(pool.map(lambda r: _post_segment(live.url, _png(scene), r[0], **r[1]), requests))
+    finally:
+        live.stop()
+    for (vocabulary, fields), response in zip(requests, responses):
+        assert response.status_code == 200
+        overrides = {"pamr_iterations": 0, "logit_scale": 50.0} if fields else {}
+        assert response.json()["segments"] == predictor(scene, vocabulary, **overrides).summary()["segments"]
+    sizes = [len(b) for b in slow.batches]
+    assert sum(sizes) == 12 and max(sizes) > 1 and max(sizes) <= 8  # batched, never beyond `batch`
+    assert sum(len(b) for b, o in zip(slow.batches, slow.overrides) if o) == 2  # a batch shares its overrides
+    assert all(o in ({}, {"pamr_iterations": 0, "logit_scale": 50.0}) for o in slow.overrides)
+
+
+def test_a_failing_job_in_a_batch_fails_alone():
+    import threading
+
+    from ovdense.errors import InputError
+    from ovdense.serve import ModelWorker
+
+    class Picky:
+        calls = []
+
+        def predict_batch(self, images, vocabularies):
+            self.calls.append(list(vocabularies))
+            if "bad" in vocabularies:
+                raise InputError("a bad vocabulary")
+            return [v.upper() for v in vocabularies]
+    worker = ModelWorker(Picky(), batch=8)
+    release = threading.Event()
+    busy = worker.call(release.wait)  # holds the thread, so that the next three wait together
+    futures = [worker.segment(None, v, {}, lambda result: result + "!") for v in ("a", "bad", "c")]
+    release.set()
+    assert busy.result(timeout=5) is True
+    assert futures[0].result(timeout=5) == "A!" and futures[2].result(timeout=5) == "C!"
+    assert isinstance(futures[1].exception(timeout=5), InputError)
+    assert Picky.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    worker.close()
+    assert worker.thread is None
+
+
+def test_a_full_queue_gets_503_and_a_timed_out_request_504_and_its_work_is_dropped(predictor, scene):
+    import threading
+    import time
+    slow = _Slow(predictor, 2.0)
+    live = _Live(create_app(slow, DESCRIBED, queue=1, timeout=0.8, batch=1))
+    png, results = _png(scene), {}
+
+    def post(name, classes):
+        results[name] = _post_segment(live.url, png, classes)
+    try:
+        first = threading.Thread(target=post, args=("first", "red"))
+        first.start()
+        time.sleep(0.3)  # the first runs (2 s, so it times out at 0.8 s); the second waits behind it
+        second = threading.Thread(target=post, args=("second", "blue"))
+        second.start()
+        time.sleep(0.3)
+        third = _post_segment(live.url, png, "green")  # one running, one waiting: the line is full
+        first.join(), second.join()
+        time.sleep(2.5)  # the first's work has ended; had the second's not been dropped, it would have run
+    finally:
+        live.stop()
+    assert third.status_code == 503 and "waiting" in third.json()["error"]
+    for name in ("first", "second"):
+        assert results[name].status_code == 504 and "longer than 0.8 s" in results[name].json()["error"]
+    assert slow.batches == [["red"]]
+
+
+def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene):
+    """`ovdense serve` runs the models on its main thread and uvicorn beside it: it answers, stops cleanly on
+    SIGTERM, and a port already taken ends it with uvicorn's error and exit status 1."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "ovdense.cli", "serve", "--port", str(port), "--detector", "none"]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "address already in use" in refused.stderr
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        response = _post_segment(f"http://127.0.0.1:{port}", _png(scene), "sky, grass")
+        assert response.status_code == 200 and response.json()["model"] == "ovdense-tiny-vit"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=60)
+    assert server.returncode == 0, err

@@ -385,7 +385,7 @@ def cmd_export(args) -> int:
         raise UsageError(f"--mode {mode} is not available for {clip.name}; choose one of "
                          f"{', '.join(clip.supported_modes())}")
     out_dir = prepare_output_dir(args.output)
-    paths = export_onnx(clip, mode, vocabulary.names, resolve_templates(args.templates), out_dir)
+    paths = export_onnx(clip, mode, vocabulary, resolve_templates(args.templates), out_dir)
     print(f"wrote {', '.join(str(p) for p in paths.values())}; segment with onnxruntime alone: "
           f"ovdense.onnx_runtime.OnnxSegmenter('{out_dir}')")
     return 0
@@ -394,6 +394,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     """Serve segmentation over HTTP (see `ovdense.serve`); beyond loopback an --api-key is required."""
     import ipaddress
+    import signal
+    import threading
     if args.port < 0 or args.port > 65535 or args.queue < 0 or args.timeout <= 0 or args.max_upload_mb <= 0:
         raise UsageError("--port must be 0-65535, --queue >= 0, --timeout and --max-upload-mb > 0")
     try:
@@ -406,7 +408,7 @@ def cmd_serve(args) -> int:
     try:
         import uvicorn
 
-        from .serve import create_app
+        from .serve import ModelWorker, create_app
     except ImportError as error:
         raise UsageError("ovdense serve needs FastAPI and uvicorn: pip install 'ovdense[serve]'") from error
     _check_model_options(args)
@@ -418,12 +420,25 @@ def cmd_serve(args) -> int:
             method=args.detector, checkpoint=args.detector_checkpoint,
             weights=args.detector_weights or (None if args.detector_checkpoint else "synthetic"), device=args.device,
             no_cache=args.no_cache, preset=None))
+    worker = ModelWorker(predictor, args.batch_size, own_thread=False)  # the models run here, where they loaded
     app = create_app(predictor, described, api_key=args.api_key, max_upload=int(args.max_upload_mb * 1024 * 1024),
-                     queue=args.queue, timeout=args.timeout, detector=detector, detector_described=detector_described)
+                     queue=args.queue, timeout=args.timeout, detector=detector, detector_described=detector_described,
+                     worker=worker)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn, off the main thread, leaves the signals to us
+        signal.signal(sig, server.handle_exit)
+    def serve() -> None:
+        try:
+            server.run()
+        finally:  # also when the server could not start (the port taken): the worker must not wait forever
+            worker.close()
+    serving = threading.Thread(target=serve, name="ovdense-http")
+    serving.start()
     print(f"serving {described['method']} on {described['model']} at http://{args.host}:{args.port} "
           "(docs at /docs)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    worker.run()  # until the server's shutdown closes the worker, after the requests in flight
+    serving.join()
+    return 0 if server.started else 1
 
 
 def cmd_demo(args) -> int:

@@ -1,6 +1,7 @@
 """Segmentation with onnxruntime alone (numpy, Pillow, onnxruntime; no torch) from an `ovdense export --format onnx`
-folder: resize the short side, normalise, run the image encoder once, cosine with the stored text embeddings,
-upsample the logits bilinearly to the image and take the best class.
+folder: resize the short side, normalise, run the image encoder once (no sliding window, no PAMR), cosine with the
+stored text embeddings, upsample the logits bilinearly to the image, softmax over the queries, keep each class's best
+synonym and take the best class (the torch predictor's steps, minus its windows and PAMR).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ class OnnxSegmenter:
         import onnxruntime
         folder = Path(folder)
         self.config = json.loads((folder / "ovdense_onnx.json").read_text(encoding="utf-8"))
-        self.text = np.load(folder / "text_embeddings.npy")  # (K, D)
+        self.text = np.load(folder / "text_embeddings.npy")  # (Q, D)
+        self.query_to_class = np.asarray(self.config["query_to_class"])  # (Q,) class of each query
         self.session = onnxruntime.InferenceSession(str(folder / "image_encoder.onnx"),
                                                     providers=providers or ["CPUExecutionProvider"])
         self.short = short
@@ -44,12 +46,14 @@ class OnnxSegmenter:
         return pixels.transpose(2, 0, 1)[None]
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, 3) uint8 image -> ((H, W) int64 class indices, (K, H, W) float32 class probabilities)."""
+        """(H, W, 3) uint8 image -> ((H, W) int64 class indices, (K, H, W) float32 class probabilities: each class's
+        best synonym's share of the softmax over all queries)."""
         height, width = rgb.shape[:2]
         features = self.features(self.prepare(rgb))[0]  # (D, h, w)
-        logits = np.einsum("dhw,kd->khw", features, self.text) * self.config["logit_scale"]
+        logits = np.einsum("dhw,qd->qhw", features, self.text) * self.config["logit_scale"]
         upsampled = np.stack([np.asarray(Image.fromarray(m).resize((width, height), Image.BILINEAR)) for m in logits])
         upsampled = upsampled - upsampled.max(axis=0, keepdims=True)
-        probs = np.exp(upsampled)
-        probs /= probs.sum(axis=0, keepdims=True)
+        query_probs = np.exp(upsampled)
+        query_probs /= query_probs.sum(axis=0, keepdims=True)
+        probs = np.stack([query_probs[self.query_to_class == k].max(axis=0) for k in range(len(self.classes))])
         return probs.argmax(axis=0), probs

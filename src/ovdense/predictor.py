@@ -116,12 +116,13 @@ _BAND_ELEMENTS = 1 << 24  # floats per band of rows when labels are computed at 
 
 
 class SegmentationPredictor:
-    """Open-vocabulary semantic segmentation of one image at a time, in the spirit of SamPredictor.
+    """Open-vocabulary semantic segmentation, in the spirit of SamPredictor.
 
     `set_image` runs the image encoder over every sliding window once; `predict(vocabulary)` then
     only embeds the (cached) class names and combines them with the stored features, so asking
-    many vocabularies of one image is cheap. Memory grows with H x W, not with classes x H x W: scores
-    stay at the working resolution and labels are computed a band of rows at a time.
+    many vocabularies of one image is cheap; `predict_batch` shares the encoder's forwards among many
+    images. Memory grows with H x W, not with classes x H x W: scores stay at the working resolution
+    and labels are computed a band of rows at a time.
     """
 
     def __init__(self, method, protocol: Protocol | str = "default", dataset: str | None = None,
@@ -148,6 +149,24 @@ class SegmentationPredictor:
     @torch.no_grad()
     def set_image(self, image) -> None:
         """Read `image` (path, PIL image or (H, W[, C]) array), resize, crop windows and embed them."""
+        self._image = self._embed([self._prepared(image)])[0]
+
+    @torch.no_grad()
+    def predict_batch(self, images: list, vocabularies: list, **overrides) -> list[SegmentationResult]:
+        """Segment each image with its vocabulary. The windows of all the images go through the image encoder
+        together (`batch_size` crops of one size per forward), so many small images cost few forwards; the rest
+        is `predict`, image by image. The last image stays set."""
+        if len(images) != len(vocabularies):
+            raise UsageError(f"{len(images)} images but {len(vocabularies)} vocabularies")
+        results = []
+        for state, vocabulary in zip(self._embed([self._prepared(image) for image in images]), vocabularies):
+            self._image = state
+            results.append(self.predict(vocabulary, **overrides))
+        return results
+
+    def _prepared(self, image) -> dict:
+        """An image read, resized and normalised: {'rgb': (H, W, 3) uint8, 'pixels': (3, h, w), 'windows',
+        'padding'}."""
         protocol = self.protocol
         kwargs = {"max_pixels": self.max_pixels} if self.max_pixels else {}
         rgb = load_image(image, **kwargs)
@@ -162,12 +181,28 @@ class SegmentationPredictor:
         windows = sliding_windows(*size, protocol.crop, protocol.stride)
         y0, y1, x0, x1 = windows[0]
         padding = crop_padding(y1 - y0, x1 - x0, self.backbone.stride, protocol.pad == "centre")
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            parts = [self.method.embed_crops(crop_windows(pixels, windows[i:i + self.batch_size], padding))
-                     for i in range(0, len(windows), self.batch_size)]
-        parts = [{key: value.float() for key, value in part.items()} for part in parts]
-        embedded = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        self._image = {"rgb": rgb, "pixels": pixels, "windows": windows, "padding": padding, "embedded": embedded}
+        return {"rgb": rgb, "pixels": pixels, "windows": windows, "padding": padding}
+
+    def _embed(self, images: list[dict]) -> list[dict]:
+        """Prepared images with their windows embedded ('embedded': the method's features, a row per window).
+        Crops of one padded size from any of the images share forwards, `batch_size` at a time."""
+        by_size: dict[tuple[int, int], list[tuple[int, int]]] = {}  # padded crop size -> (image, window) pairs
+        for i, image in enumerate(images):
+            left, right, top, bottom = image["padding"]
+            for w, (y0, y1, x0, x1) in enumerate(image["windows"]):
+                by_size.setdefault((y1 - y0 + top + bottom, x1 - x0 + left + right), []).append((i, w))
+        rows = [[None] * len(image["windows"]) for image in images]
+        for pairs in by_size.values():
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = pairs[start:start + self.batch_size]
+                crops = torch.cat([crop_windows(images[i]["pixels"], [images[i]["windows"][w]], images[i]["padding"])
+                                   for i, w in chunk])
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    embedded = self.method.embed_crops(crops)
+                for row, (i, w) in enumerate(chunk):
+                    rows[i][w] = {key: value[row].float() for key, value in embedded.items()}
+        return [{**image, "embedded": {key: torch.stack([row[key] for row in image_rows]) for key in image_rows[0]}}
+                for image, image_rows in zip(images, rows)]
 
     @torch.no_grad()
     def predict(self, vocabulary: Vocabulary | str | list[str], **overrides) -> SegmentationResult:

@@ -1,10 +1,11 @@
 """`ovdense serve`: segmentation over HTTP (FastAPI on uvicorn: the maintained ASGI pair with OpenAPI docs at /docs).
 
-The model loads once; requests share it and its text-embedding cache. Inference runs off the event loop, one
-request at a time on the model (a CPU model is not faster in parallel), with at most `queue` requests waiting: more
-get 503 at once instead of piling up in memory; a request that waits and runs longer than `timeout` gets 504.
-Uploads over `max_upload` bytes get 413 before the rest is read. Bad images and vocabularies get 4xx with a JSON
-{"error": ...} body. Nothing a request sends is written to disk, and no request names a file.
+The model loads once; requests share it and its text-embedding cache. One thread (`ModelWorker`) runs the models;
+requests decode their image in their own thread and queue for it, and the segmentation requests that wait together
+run as one batch through the image encoder. At most `queue` requests wait: more get 503 at once instead of piling up
+in memory; a request that waits and runs longer than `timeout` gets 504, and if its turn had not come its work is
+dropped. Uploads over `max_upload` bytes get 413 before the rest is read. Bad images and vocabularies get 4xx with a
+JSON {"error": ...} body. Nothing a request sends is written to disk, and no request names a file.
 """
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import asyncio
 import base64
 import io
 import threading
+import warnings
+from collections import deque
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from .data.images import load_image
 from .detection.grounding import split_phrases
 from .errors import InputError
-from .text import Vocabulary
+from .text import Vocabulary, resolve_templates
 from .visualize import class_colours
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
@@ -28,13 +34,109 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_UPLOAD = 20 * 1024 * 1024
 
 
+class ModelWorker:
+    """The one thread that runs the models, fed in arrival order. The segmentation jobs waiting together when it
+    is free run as one `predict_batch` (at most `batch` images); other work runs alone. A job whose future was
+    cancelled before its turn is dropped.
+
+    own_thread: start a thread for `run` at the first job; False: the caller runs `run` itself, best in the thread
+    that loaded the model (libgomp keeps a thread pool per calling thread; a second pool on few cores makes every
+    small torch operation wait for a sleeping thread: 3x slower on 2 cores)."""
+
+    def __init__(self, predictor, batch: int, own_thread: bool = True):
+        self.predictor, self.batch, self.own_thread = predictor, batch, own_thread
+        self.pending: deque = deque()  # (future, work, None); to segment, (future, finish, (rgb, vocabulary, overrides))
+        self.ready = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def segment(self, rgb, vocabulary, overrides: dict, finish) -> Future:
+        """A future finish(SegmentationResult of (H, W, 3) uint8 `rgb`), finish run on the worker's thread;
+        overrides: Protocol fields for `predict` (jobs batch with others of equal overrides)."""
+        return self._submit(finish, (rgb, vocabulary, overrides))
+
+    def call(self, work) -> Future:
+        """A future of work(), run alone on the worker's thread."""
+        return self._submit(work, None)
+
+    def run(self) -> None:
+        """Run jobs in the calling thread until `close`."""
+        while True:
+            with self.ready:
+                while not self.pending:
+                    self.ready.wait()
+                first = self.pending.popleft()
+                if first is None:
+                    return
+                group = [first]
+                if first[2] is not None:  # segmentation: take the others waiting with the same overrides, in order
+                    group += [job for job in self.pending
+                              if job is not None and job[2] is not None and job[2][2] == first[2][2]][:self.batch - 1]
+                    for job in group[1:]:
+                        self.pending.remove(job)
+            group = [job for job in group if job[0].set_running_or_notify_cancel()]
+            if group and group[0][2] is None:
+                _settle(group[0][0], group[0][1])
+            elif group:
+                self._segment(group)
+
+    def close(self) -> None:
+        """Finish the jobs already queued, then stop `run`."""
+        with self.ready:
+            self.pending.append(None)
+            self.ready.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _submit(self, work, segment) -> Future:
+        future = Future()
+        with self.ready:
+            if self.own_thread and self.thread is None:
+                self.thread = threading.Thread(target=self.run, name="ovdense-model", daemon=True)
+                self.thread.start()
+            self.pending.append((future, work, segment))
+            self.ready.notify()
+        return future
+
+    def _segment(self, group: list) -> None:
+        images, vocabularies = [job[2][0] for job in group], [job[2][1] for job in group]
+        overrides = group[0][2][2]
+        try:
+            results = self.predictor.predict_batch(images, vocabularies, **overrides)
+        except Exception as error:
+            if len(group) == 1:
+                group[0][0].set_exception(error)
+                return
+            for future, finish, (rgb, vocabulary, _) in group:  # one bad job must not fail the others: each alone
+                _settle(future, lambda: finish(self.predictor.predict_batch([rgb], [vocabulary], **overrides)[0]))
+            return
+        for (future, finish, _), result in zip(group, results):
+            _settle(future, lambda: finish(result))
+
+
+def _settle(future: Future, work) -> None:
+    try:
+        future.set_result(work())
+    except Exception as error:
+        future.set_exception(error)
+
+
 def create_app(predictor, described: dict, api_key: str | None = None, max_upload: int = MAX_UPLOAD,
-               queue: int = 16, timeout: float = 120.0, detector=None, detector_described: dict | None = None):
+               queue: int = 16, timeout: float = 120.0, batch: int = 8, detector=None,
+               detector_described: dict | None = None, worker: ModelWorker | None = None):
     """The ASGI app around a SegmentationPredictor. described: what /v1/models reports (model, weights, method,
-    preset, device). api_key: a bearer token every /v1 request must carry (None: none needed). detector: a
-    DetectionPredictor or GroundingPredictor for /v1/detect (and, a GroundingPredictor, /v1/ground)."""
-    app = FastAPI(title="ovdense", description="Open-vocabulary segmentation", version="1")
-    model_lock = threading.Lock()
+    preset, device). api_key: a bearer token every /v1 request must carry (None: none needed). batch: at most this
+    many waiting segmentation requests run together. detector: a DetectionPredictor or GroundingPredictor for
+    /v1/detect (and, a GroundingPredictor, /v1/ground). worker: the ModelWorker to use (default: one with its own
+    thread)."""
+    worker = worker or ModelWorker(predictor, batch)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(worker.close)
+
+    app = FastAPI(title="ovdense", description="Open-vocabulary segmentation", version="1", lifespan=lifespan)
     waiting = asyncio.Semaphore(queue + 1)
 
     class HTTPError(Exception):
@@ -44,6 +146,10 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, error: HTTPError):
         return JSONResponse({"error": error.message}, status_code=error.status)
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, error: InputError):
+        return JSONResponse({"error": str(error)}, status_code=400)
 
     @app.middleware("http")
     async def _limit_upload(request: Request, call_next):
@@ -76,15 +182,29 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         except ValueError as error:
             raise InputError(f"classes: {error}") from error
 
-    def image_of(data: bytes):
-        """The upload opened lazily (its pixels are decoded by the predictor, which refuses over-large images from
-        their header)."""
+    def overrides_of(**given) -> dict:
+        """The protocol fields a request sets, checked here: a bad one gets 400 before it waits."""
+        overrides = {key: value for key, value in given.items() if value is not None}
         try:
-            return Image.open(io.BytesIO(data))
+            if "templates" in overrides:
+                resolve_templates(overrides["templates"])
+            predictor.protocol.updated(**overrides)
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        return overrides
+
+    def rgb_of(data: bytes, model):
+        """The upload as (H, W, 3) uint8 RGB, refused from its header when over `model`'s pixel limit."""
+        try:
+            with warnings.catch_warnings():  # PIL warns above its own limit; ours speaks instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as error:
             raise InputError(f"the image is too large to read ({error})") from error
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             raise InputError("the upload is not an image that can be read") from error
+        limit = getattr(model, "max_pixels", None)
+        return load_image(image, **({"max_pixels": limit} if limit else {}))
 
     def answer(result, about: dict, picture: bool) -> dict:
         colours = ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in class_colours(list(result.class_names))]
@@ -95,34 +215,24 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
             out["overlay_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
         return out
 
-    def segment_bytes(data: bytes, classes: str, overlay: bool) -> dict:
-        vocabulary, image = vocabulary_of(classes), image_of(data)
-        with model_lock:
-            result = predictor(image, vocabulary)
-        return answer(result, described, overlay)
+    def grounded(rgb, caption: str, phrases: list[str] | None):
+        detector.set_image(rgb)
+        return detector.ground(caption, phrases)
 
-    def detect_bytes(data: bytes, classes: str, threshold: float, overlay: bool) -> dict:
-        vocabulary, image = vocabulary_of(classes), image_of(data)
-        with model_lock:
-            result = detector(image, vocabulary).above(threshold)
-        return answer(result, detector_described, overlay)
-
-    def ground_bytes(data: bytes, caption: str, phrases: str | None, threshold: float, overlay: bool) -> dict:
-        wanted = None if phrases is None else split_phrases(phrases)
-        image = image_of(data)
-        with model_lock:
-            detector.set_image(image)
-            result = detector.ground(caption, wanted).above(threshold)
-        return answer(result, detector_described, overlay)
-
-    async def run(work, *args) -> dict:
+    async def run(data: bytes, model, about: dict, overlay: bool, submit) -> dict:
+        """Decode `data` here and have the worker run submit(rgb, finish) -> Future: the model and the answer
+        (finish: result -> JSON dict, on the worker's thread, as it uses torch). 503 when the line is full, 504
+        past `timeout`."""
         if waiting.locked():
             raise HTTPError(503, "too many requests are waiting; try again shortly")
+
+        async def serve_one() -> dict:
+            rgb = await asyncio.to_thread(rgb_of, data, model)
+            # cancelled on timeout: dropped if its turn has not come
+            return await asyncio.wrap_future(submit(rgb, lambda result: answer(result, about, overlay)))
         async with waiting:
             try:
-                return await asyncio.wait_for(asyncio.to_thread(work, *args), timeout)
-            except InputError as error:
-                raise HTTPError(400, str(error)) from error
+                return await asyncio.wait_for(serve_one(), timeout)
             except asyncio.TimeoutError as error:
                 raise HTTPError(504, f"the request took longer than {timeout:g} s") from error
 
@@ -137,10 +247,18 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
             raise HTTPError(400, f"threshold must be in [0, 1), got {threshold}")
 
     @app.post("/v1/segment", dependencies=[Depends(authorised)])
-    async def segment(image: UploadFile = File(...), classes: str = Form(...), overlay: bool = Form(False)) -> dict:
+    async def segment(image: UploadFile = File(...), classes: str = Form(...), overlay: bool = Form(False),
+                      templates: str | None = Form(None), logit_scale: float | None = Form(None),
+                      pamr: int | None = Form(None), background_threshold: float | None = Form(None),
+                      area_threshold: float | None = Form(None)) -> dict:
         """Segment an uploaded image with free-text classes ('sky, grass; lawn'): the JSON of `ovdense segment`
-        (segments with COCO RLE masks) and, with overlay=true, the overlay as a base64 PNG."""
-        return await run(segment_bytes, await read(image), classes, overlay)
+        (segments with COCO RLE masks) and, with overlay=true, the overlay as a base64 PNG. The other fields change
+        the server's protocol for this request, as `segment`'s options of the same names."""
+        overrides = overrides_of(templates=templates, logit_scale=logit_scale, pamr_iterations=pamr,
+                                 background_threshold=background_threshold, area_threshold=area_threshold)
+        vocabulary, data = vocabulary_of(classes), await read(image)
+        return await run(data, predictor, described, overlay,
+                         lambda rgb, finish: worker.segment(rgb, vocabulary, overrides, finish))
 
     @app.post("/v1/detect", dependencies=[Depends(authorised)])
     async def detect(image: UploadFile = File(...), classes: str = Form(...), threshold: float = Form(0.3),
@@ -149,7 +267,9 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         if detector is None:
             raise HTTPError(404, "this server has no detector: start it with --detector")
         check_threshold(threshold)
-        return await run(detect_bytes, await read(image), classes, threshold, overlay)
+        vocabulary, data = vocabulary_of(classes), await read(image)
+        return await run(data, detector, detector_described, overlay, lambda rgb, finish: worker.call(
+            lambda: finish(detector(rgb, vocabulary).above(threshold))))
 
     @app.post("/v1/ground", dependencies=[Depends(authorised)])
     async def ground(image: UploadFile = File(...), caption: str = Form(...), phrases: str | None = Form(None),
@@ -159,6 +279,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         if detector is None or not hasattr(detector, "ground"):
             raise HTTPError(404, "this server has no grounding detector: start it with --detector glip")
         check_threshold(threshold)
-        return await run(ground_bytes, await read(image), caption, phrases, threshold, overlay)
+        wanted, data = None if phrases is None else split_phrases(phrases), await read(image)
+        return await run(data, detector, detector_described, overlay, lambda rgb, finish: worker.call(
+            lambda: finish(grounded(rgb, caption, wanted).above(threshold))))
 
     return app
