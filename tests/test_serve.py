@@ -61,12 +61,14 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
         ({"image": ("x.png", b"\x89PNG definitely not an image")}, {"classes": "red"}, 400, "not an image"),
         ({"image": ("s.png", _png(scene))}, {"classes": " , "}, 400, "classes"),
         ({"image": ("big.bin", bytes(60_000))}, {"classes": "red"}, 413, "bytes"),
-        ({"image": ("s.png", _png(scene))}, {}, 422, None),  # classes missing: FastAPI's validation error
+        ({"image": ("s.png", _png(scene))}, {}, 422, "classes: Field required"),  # FastAPI's validation
         ({"image": ("huge.png", _huge_png(20_000, 20_000))}, {"classes": "red"}, 400, "too large"),
         ({"image": ("big.png", _huge_png(10_000, 10_000))}, {"classes": "red"}, 400, "pixels"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "templates": "klingon"}, 400, "template set"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "logit_scale": "-1"}, 400, "logit_scale"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "pamr": "-2"}, 400, "--pamr"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red", "pamr": "51"}, 400, "at most 50"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red", "logit_scale": "inf"}, 400, "logit_scale"),
     ]
     for files, data, status, message in cases:
         response = client.post("/v1/segment", files=files, data=data)
@@ -253,6 +255,32 @@ def test_a_failing_job_in_a_batch_fails_alone():
     assert Picky.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
     worker.close()
     assert worker.thread is None
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit below
+def test_the_worker_outlives_closes_exits_and_cancelled_jobs():
+    import threading
+
+    from ovdense.serve import ModelWorker
+    worker = ModelWorker(None, batch=4)
+    worker.close()  # before any job (an app whose lifespan ended unused): nothing is left to stop a later thread
+    assert worker.call(lambda: 1).result(timeout=5) == 1
+    worker.close()
+    worker.close()
+    assert worker.call(lambda: 2).result(timeout=5) == 2
+
+    def leave():
+        raise SystemExit(3)
+    assert isinstance(worker.call(leave).exception(timeout=5), SystemExit)  # settled, though the thread ended
+    assert worker.call(lambda: 4).result(timeout=5) == 4  # a new thread took over
+    started, release = threading.Event(), threading.Event()
+    busy = worker.call(lambda: started.set() or release.wait())
+    assert started.wait(timeout=5)
+    waiting = worker.segment("a big image", "red", {}, lambda result: result)
+    assert waiting.cancel() and len(worker.pending) == 0  # a timed-out request's job leaves the line at once
+    release.set()
+    assert busy.result(timeout=5) is True
+    worker.close()
 
 
 def test_a_full_queue_gets_503_and_a_timed_out_request_504_and_its_work_is_dropped(predictor, scene):

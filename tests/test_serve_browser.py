@@ -55,9 +55,9 @@ def test_the_page_segments_an_uploaded_image(server, scene, tmp_path):
         assert "red" in legend or "blue" in legend
         assert page.inner_text("#status").startswith("Done")
         assert not page.is_hidden("#download")
+        page.screenshot(path=str(artefacts / "serve_page.png"))
         page.fill("#words", "")
         page.click("#run")
         assert "Type some classes" in page.inner_text("#status")
-        page.screenshot(path=str(artefacts / "serve_page.png"))
         browser.close()
     assert (artefacts / "serve_page.png").stat().st_size > 1000

@@ -412,6 +412,7 @@ def cmd_serve(args) -> int:
     except ImportError as error:
         raise UsageError("ovdense serve needs FastAPI and uvicorn: pip install 'ovdense[serve]'") from error
     _check_model_options(args)
+    _use_shipped_method(args)  # as the demo: the best method that ships for the shipped tiny CLIP
     predictor = _build_predictor(args)
     described = {**_describe(predictor), "preset": args.preset, "device": str(predictor.device)}
     detector = detector_described = None
@@ -434,11 +435,27 @@ def cmd_serve(args) -> int:
             worker.close()
     serving = threading.Thread(target=serve, name="ovdense-http")
     serving.start()
-    print(f"serving {described['method']} on {described['model']} at http://{args.host}:{args.port} "
-          "(docs at /docs)", flush=True)
-    worker.run()  # until the server's shutdown closes the worker, after the requests in flight
-    serving.join()
+    try:
+        print(f"serving {described['method']} on {described['model']} at http://{args.host}:{args.port} "
+              "(docs at /docs)", flush=True)
+        worker.run()  # until the server's shutdown closes the worker, after the requests in flight
+    finally:  # the worker ended otherwise: the server must not go on without it
+        server.should_exit = True
+        serving.join()
     return 0 if server.started else 1
+
+
+def _use_shipped_method(args):
+    """On the shipped tiny CLIP (default model and weights, no checkpoint), set args to the best method that ships
+    for it (or the shipped one `--method` names); returns that ShippedMethod, or None."""
+    from . import demo
+    if args.checkpoint or args.model not in (None, args.default_model) or args.weights not in (None,
+                                                                                             args.default_weights):
+        return None
+    shipped = demo.shipped_method(args.method)
+    if shipped:
+        args.method, args.checkpoint = shipped.method, shipped.checkpoint and str(shipped.checkpoint)
+    return shipped
 
 
 def cmd_demo(args) -> int:
@@ -449,11 +466,7 @@ def cmd_demo(args) -> int:
     if args.scene < 0 or args.zoom < 1:
         raise UsageError("--scene must be >= 0 and --zoom >= 1")
     _check_model_options(args)
-    shipped = None
-    if not args.checkpoint and args.model in (None, args.default_model) and args.weights in (None, args.default_weights):
-        shipped = demo.shipped_method(args.method)  # the shipped tiny CLIP: use the best method that ships for it
-        if shipped:
-            args.method, args.checkpoint = shipped.method, shipped.checkpoint and str(shipped.checkpoint)
+    shipped = _use_shipped_method(args)
     out_dir = prepare_output_dir(args.output)
     world = SyntheticWorld()  # the world the shipped models were trained on
     predictor = _build_predictor(args)

@@ -158,9 +158,9 @@ class SegmentationPredictor:
         is `predict`, image by image. The last image stays set."""
         if len(images) != len(vocabularies):
             raise UsageError(f"{len(images)} images but {len(vocabularies)} vocabularies")
-        results = []
-        for state, vocabulary in zip(self._embed([self._prepared(image) for image in images]), vocabularies):
-            self._image = state
+        states, results = self._embed([self._prepared(image) for image in images]), []
+        for i, vocabulary in enumerate(vocabularies):
+            self._image, states[i] = states[i], None  # each image's features (and PAMR affinity) freed after its turn
             results.append(self.predict(vocabulary, **overrides))
         return results
 

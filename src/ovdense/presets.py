@@ -6,6 +6,8 @@ per-dataset overrides exactly where the public code of the paper has them.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 
 from .catalog import NMS_KINDS
@@ -73,7 +75,7 @@ class Protocol:
             raise UsageError(f"stride (--stride) {self.stride} is larger than the crop (--crop) {self.crop}: the "
                              "windows would leave parts of the image out")
         checks = {
-            "logit_scale": self.logit_scale > 0,
+            "logit_scale": math.isfinite(self.logit_scale) and self.logit_scale > 0,
             "pamr_iterations": isinstance(self.pamr_iterations, int) and self.pamr_iterations >= 0,
             "pamr_dilations": len(self.pamr_dilations) > 0 and all(int(d) > 0 for d in self.pamr_dilations),
             "pamr_at": self.pamr_at in ("original", "mask", "working"),

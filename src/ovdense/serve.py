@@ -20,30 +20,34 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from .data.images import load_image
 from .detection.grounding import split_phrases
-from .errors import InputError
+from .errors import InputError, UsageError
 from .text import Vocabulary, resolve_templates
 from .visualize import class_colours
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 MAX_UPLOAD = 20 * 1024 * 1024
+MAX_PAMR = 50  # PAMR iterations a request may ask for (the papers use 10)
 
 
 class ModelWorker:
-    """The one thread that runs the models, fed in arrival order. The segmentation jobs waiting together when it
-    is free run as one `predict_batch` (at most `batch` images); other work runs alone. A job whose future was
-    cancelled before its turn is dropped.
+    """The one thread that runs the models, taking jobs in arrival order. A segmentation job takes along the other
+    segmentation jobs waiting with the same options (ahead of any other work) into one `predict_batch` of at most
+    `batch` images; other work runs alone. A job cancelled before its turn leaves the line at once.
 
     own_thread: start a thread for `run` at the first job; False: the caller runs `run` itself, best in the thread
     that loaded the model (libgomp keeps a thread pool per calling thread; a second pool on few cores makes every
     small torch operation wait for a sleeping thread: 3x slower on 2 cores)."""
 
     def __init__(self, predictor, batch: int, own_thread: bool = True):
+        if batch < 1:
+            raise UsageError(f"batch must be at least 1, got {batch}")
         self.predictor, self.batch, self.own_thread = predictor, batch, own_thread
         self.pending: deque = deque()  # (future, work, None); to segment, (future, finish, (rgb, vocabulary, overrides))
         self.ready = threading.Condition()
@@ -51,7 +55,7 @@ class ModelWorker:
 
     def segment(self, rgb, vocabulary, overrides: dict, finish) -> Future:
         """A future finish(SegmentationResult of (H, W, 3) uint8 `rgb`), finish run on the worker's thread;
-        overrides: Protocol fields for `predict` (jobs batch with others of equal overrides)."""
+        overrides: Protocol fields for `predict`."""
         return self._submit(finish, (rgb, vocabulary, overrides))
 
     def call(self, work) -> Future:
@@ -60,43 +64,76 @@ class ModelWorker:
 
     def run(self) -> None:
         """Run jobs in the calling thread until `close`."""
-        while True:
-            with self.ready:
-                while not self.pending:
-                    self.ready.wait()
-                first = self.pending.popleft()
-                if first is None:
-                    return
-                group = [first]
-                if first[2] is not None:  # segmentation: take the others waiting with the same overrides, in order
-                    group += [job for job in self.pending
-                              if job is not None and job[2] is not None and job[2][2] == first[2][2]][:self.batch - 1]
-                    for job in group[1:]:
-                        self.pending.remove(job)
+        while (group := self._next()) is not None:
             group = [job for job in group if job[0].set_running_or_notify_cancel()]
-            if group and group[0][2] is None:
-                _settle(group[0][0], group[0][1])
-            elif group:
-                self._segment(group)
+            try:
+                if group and group[0][2] is None:
+                    _settle(group[0][0], group[0][1])
+                elif group:
+                    self._segment(group)
+            except BaseException as error:  # SystemExit, KeyboardInterrupt: no request is left waiting for ever
+                with self.ready:
+                    if self.thread is threading.current_thread():  # this thread ends: the next job starts another
+                        self.thread = None
+                        if self.pending:
+                            self._start()
+                for future, _, _ in group:
+                    if not future.done():
+                        future.set_exception(error)
+                raise
 
     def close(self) -> None:
         """Finish the jobs already queued, then stop `run`."""
         with self.ready:
+            if self.own_thread and not self._running():
+                return
             self.pending.append(None)
             self.ready.notify()
         if self.thread is not None:
             self.thread.join()
             self.thread = None
 
+    def _running(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def _start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="ovdense-model", daemon=True)
+        self.thread.start()
+
+    def _next(self) -> list | None:
+        """The next job and, for segmentation, the jobs it takes along; None when closed."""
+        with self.ready:
+            while not self.pending:
+                self.ready.wait()
+            first = self.pending.popleft()
+            if first is None:
+                return None
+            group = [first]
+            if first[2] is not None:
+                group += [job for job in self.pending
+                          if job is not None and job[2] is not None and job[2][2] == first[2][2]][:self.batch - 1]
+                for job in group[1:]:
+                    self.pending.remove(job)
+            return group
+
     def _submit(self, work, segment) -> Future:
         future = Future()
+        future.add_done_callback(self._forget)
         with self.ready:
-            if self.own_thread and self.thread is None:
-                self.thread = threading.Thread(target=self.run, name="ovdense-model", daemon=True)
-                self.thread.start()
+            if self.own_thread and not self._running():
+                self._start()
             self.pending.append((future, work, segment))
             self.ready.notify()
         return future
+
+    def _forget(self, future: Future) -> None:
+        """A cancelled job leaves the line (and its image the memory) at once."""
+        if future.cancelled():
+            with self.ready:
+                for job in self.pending:
+                    if job is not None and job[0] is future:
+                        self.pending.remove(job)
+                        break
 
     def _segment(self, group: list) -> None:
         images, vocabularies = [job[2][0] for job in group], [job[2][1] for job in group]
@@ -151,6 +188,11 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
     async def _input_error(request: Request, error: InputError):
         return JSONResponse({"error": str(error)}, status_code=400)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, error: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, problem['loc'][1:]))}: {problem['msg']}" for problem in error.errors())
+        return JSONResponse({"error": problems}, status_code=422)
+
     @app.middleware("http")
     async def _limit_upload(request: Request, call_next):
         length = request.headers.get("content-length")
@@ -185,6 +227,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
     def overrides_of(**given) -> dict:
         """The protocol fields a request sets, checked here: a bad one gets 400 before it waits."""
         overrides = {key: value for key, value in given.items() if value is not None}
+        if overrides.get("pamr_iterations", 0) > MAX_PAMR:  # running work cannot be stopped: bound it
+            raise InputError(f"pamr: at most {MAX_PAMR} iterations, got {overrides['pamr_iterations']}")
         try:
             if "templates" in overrides:
                 resolve_templates(overrides["templates"])
