@@ -56,7 +56,7 @@ def test_segment_returns_the_apis_json_and_an_overlay(predictor, scene):
 
 
 def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
-    client = TestClient(create_app(predictor, DESCRIBED, max_upload=50_000))
+    client = TestClient(create_app(predictor, DESCRIBED, max_upload=50_000, max_classes=3))
     cases = [
         ({"image": ("x.png", b"\x89PNG definitely not an image")}, {"classes": "red"}, 400, "not an image"),
         ({"image": ("s.png", _png(scene))}, {"classes": " , "}, 400, "classes"),
@@ -69,6 +69,7 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "pamr": "-2"}, 400, "--pamr"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "pamr": "51"}, 400, "at most 50"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "logit_scale": "inf"}, 400, "logit_scale"),
+        ({"image": ("s.png", _png(scene))}, {"classes": "red; crimson, blue, green"}, 400, "at most 3"),
     ]
     for files, data, status, message in cases:
         response = client.post("/v1/segment", files=files, data=data)
@@ -310,9 +311,11 @@ def test_a_full_queue_gets_503_and_a_timed_out_request_504_and_its_work_is_dropp
     assert slow.batches == [["red"]]
 
 
-def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene):
-    """`ovdense serve` runs the models on its main thread and uvicorn beside it: it answers, stops cleanly on
-    SIGTERM, and a port already taken ends it with uvicorn's error and exit status 1."""
+def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
+    """`ovdense serve` runs the models on its main thread and uvicorn beside it: it answers, writes nothing (its
+    text cache stays in memory), stops cleanly on SIGTERM, and a port already taken ends it with uvicorn's error and
+    exit status 1."""
+    import os
     import signal
     import socket
     import subprocess
@@ -327,7 +330,9 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene):
         command = [sys.executable, "-m", "ovdense.cli", "serve", "--port", str(port), "--detector", "none"]
         refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "address already in use" in refused.stderr
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = tmp_path / "cache"
+    server = subprocess.Popen(command + ["--method", "maskclip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OVDENSE_CACHE_DIR": str(cache)})  # maskclip: cached text
     try:
         for _ in range(600):
             try:
@@ -335,9 +340,20 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        response = _post_segment(f"http://127.0.0.1:{port}", _png(scene), "sky, grass")
+        response = _post_segment(f"http://127.0.0.1:{port}", _png(scene), "sky, grass, a word never seen")
         assert response.status_code == 200 and response.json()["model"] == "ovdense-tiny-vit"
+        assert not cache.exists() or not any(cache.iterdir())
     finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=60)
     assert server.returncode == 0, err
+
+
+def test_the_cli_serves_the_best_shipped_method_by_default():
+    from ovdense.cli import _use_shipped_method, build_parser
+    args = build_parser().parse_args(["serve"])
+    assert _use_shipped_method(args).method == args.method == "denseclip" and args.checkpoint.endswith(".safetensors")
+    args = build_parser().parse_args(["serve", "--method", "maskclip"])
+    assert _use_shipped_method(args).method == args.method == "maskclip" and args.checkpoint is None
+    args = build_parser().parse_args(["serve", "--model", "ViT-B-16", "--weights", "openai"])
+    assert _use_shipped_method(args) is None and args.method is None

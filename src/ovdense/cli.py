@@ -396,8 +396,9 @@ def cmd_serve(args) -> int:
     import ipaddress
     import signal
     import threading
-    if args.port < 0 or args.port > 65535 or args.queue < 0 or args.timeout <= 0 or args.max_upload_mb <= 0:
-        raise UsageError("--port must be 0-65535, --queue >= 0, --timeout and --max-upload-mb > 0")
+    if (args.port < 0 or args.port > 65535 or args.queue < 0 or args.timeout <= 0 or args.max_upload_mb <= 0
+            or args.max_classes < 1):
+        raise UsageError("--port must be 0-65535, --queue >= 0, --timeout and --max-upload-mb > 0, --max-classes >= 1")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -413,6 +414,7 @@ def cmd_serve(args) -> int:
         raise UsageError("ovdense serve needs FastAPI and uvicorn: pip install 'ovdense[serve]'") from error
     _check_model_options(args)
     _use_shipped_method(args)  # as the demo: the best method that ships for the shipped tiny CLIP
+    args.no_cache = True  # the text cache stays in memory: nothing a request sends reaches the disk
     predictor = _build_predictor(args)
     described = {**_describe(predictor), "preset": args.preset, "device": str(predictor.device)}
     detector = detector_described = None
@@ -423,8 +425,8 @@ def cmd_serve(args) -> int:
             no_cache=args.no_cache, preset=None))
     worker = ModelWorker(predictor, args.batch_size, own_thread=False)  # the models run here, where they loaded
     app = create_app(predictor, described, api_key=args.api_key, max_upload=int(args.max_upload_mb * 1024 * 1024),
-                     queue=args.queue, timeout=args.timeout, detector=detector, detector_described=detector_described,
-                     worker=worker)
+                     queue=args.queue, timeout=args.timeout, max_classes=args.max_classes, detector=detector,
+                     detector_described=detector_described, worker=worker)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn, off the main thread, leaves the signals to us
         signal.signal(sig, server.handle_exit)
@@ -799,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get 413")
     srv.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (more get 503)")
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
+    srv.add_argument("--max-classes", type=int, default=1500, help="names a request may give, synonyms included")
     srv.add_argument("--detector", choices=("none",) + DETECTION_METHODS, default="glip",
                      help="the detector behind /v1/detect (and, glip, /v1/ground)")
     srv.add_argument("--detector-checkpoint", help="its trained file (default: the one shipped, --detector-weights "

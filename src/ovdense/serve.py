@@ -1,6 +1,6 @@
 """`ovdense serve`: segmentation over HTTP (FastAPI on uvicorn: the maintained ASGI pair with OpenAPI docs at /docs).
 
-The model loads once; requests share it and its text-embedding cache. One thread (`ModelWorker`) runs the models;
+The model loads once; requests share it and its text-embedding cache (in memory: requests write nothing to disk). One thread (`ModelWorker`) runs the models;
 requests decode their image in their own thread and queue for it, and the segmentation requests that wait together
 run as one batch through the image encoder. At most `queue` requests wait: more get 503 at once instead of piling up
 in memory; a request that waits and runs longer than `timeout` gets 504, and if its turn had not come its work is
@@ -34,6 +34,7 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 MAX_UPLOAD = 20 * 1024 * 1024
 MAX_PAMR = 50  # PAMR iterations a request may ask for (the papers use 10)
+MAX_CLASSES = 1500  # names a request may give (LVIS has 1203)
 
 
 class ModelWorker:
@@ -159,11 +160,11 @@ def _settle(future: Future, work) -> None:
 
 
 def create_app(predictor, described: dict, api_key: str | None = None, max_upload: int = MAX_UPLOAD,
-               queue: int = 16, timeout: float = 120.0, batch: int = 8, detector=None,
+               queue: int = 16, timeout: float = 120.0, batch: int = 8, max_classes: int = MAX_CLASSES, detector=None,
                detector_described: dict | None = None, worker: ModelWorker | None = None):
     """The ASGI app around a SegmentationPredictor. described: what /v1/models reports (model, weights, method,
     preset, device). api_key: a bearer token every /v1 request must carry (None: none needed). batch: at most this
-    many waiting segmentation requests run together. detector: a DetectionPredictor or GroundingPredictor for
+    many waiting segmentation requests run together. max_classes: names (synonyms included) a request may give. detector: a DetectionPredictor or GroundingPredictor for
     /v1/detect (and, a GroundingPredictor, /v1/ground). worker: the ModelWorker to use (default: one with its own
     thread)."""
     worker = worker or ModelWorker(predictor, batch)
@@ -220,9 +221,13 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
 
     def vocabulary_of(classes: str):
         try:
-            return Vocabulary.parse(classes)
+            vocabulary = Vocabulary.parse(classes)
         except ValueError as error:
             raise InputError(f"classes: {error}") from error
+        if len(vocabulary.queries) > max_classes:  # their text embeddings would hold the model for long
+            raise InputError(f"classes: {len(vocabulary.queries)} names (synonyms included); this server takes at "
+                             f"most {max_classes} (ovdense serve --max-classes)")
+        return vocabulary
 
     def overrides_of(**given) -> dict:
         """The protocol fields a request sets, checked here: a bad one gets 400 before it waits."""
