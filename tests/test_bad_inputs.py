@@ -471,3 +471,32 @@ def test_torchscript_weights_match_torch_jit_load(tmp_path, dtype):
     assert weights.keys() == expected.keys()
     for key, value in expected.items():
         assert weights[key].dtype == value.dtype and torch.equal(weights[key], value)
+
+
+@pytest.fixture(scope="module")
+def shipped_models():
+    """The shipped DenseCLIP segmenter and the shipped RegionCLIP and GLIP detectors (the tiny synthetic models)."""
+    from ovdense.demo import shipped_method
+    from ovdense.detection.predictor import DetectionPredictor, GroundingPredictor
+    from ovdense.methods import load_detector
+    from ovdense.predictor import build_predictor
+    denseclip = shipped_method("denseclip")
+    segmenter = build_predictor(method="denseclip", checkpoint=str(denseclip.checkpoint), preset="synthetic")
+    regionclip, regionclip_preset = load_detector("regionclip", None, "synthetic", "cpu")
+    glip, glip_preset = load_detector("glip", None, "synthetic", "cpu")
+    return (segmenter, DetectionPredictor(regionclip, regionclip_preset),
+            GroundingPredictor(glip, glip_preset))
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (2, 3000), (1, 10000), (10000, 1), (10, 300)])
+def test_thin_images_are_segmented_detected_and_grounded(shipped_models, height, width):
+    """An image thinner than a patch after resizing is padded, not a crash: DenseCLIP's pyramid pools twice, and
+    RegionCLIP's ResNet needs 32 px."""
+    segmenter, regionclip, glip = shipped_models
+    image = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    assert segmenter(image, "sky, grass").labels.shape == (height, width)
+    for detector in (regionclip, glip):
+        boxes = detector(image, "star, bar").boxes
+        assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
+    glip.set_image(image)
+    assert glip.ground("a star", None).class_names == ["a star"]

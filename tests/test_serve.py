@@ -59,6 +59,7 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
     client = TestClient(create_app(predictor, DESCRIBED, max_upload=50_000, max_classes=3))
     cases = [
         ({"image": ("x.png", b"\x89PNG definitely not an image")}, {"classes": "red"}, 400, "not an image"),
+        ({"image": ("e.png", b"")}, {"classes": "red"}, 400, "empty"),
         ({"image": ("s.png", _png(scene))}, {"classes": " , "}, 400, "classes"),
         ({"image": ("big.bin", bytes(60_000))}, {"classes": "red"}, 413, "bytes"),
         ({"image": ("s.png", _png(scene))}, {}, 422, "classes: Field required"),  # FastAPI's validation
@@ -248,7 +249,8 @@ def test_a_failing_job_in_a_batch_fails_alone():
     worker = ModelWorker(Picky(), batch=8)
     release = threading.Event()
     busy = worker.call(release.wait)  # holds the thread, so that the next three wait together
-    futures = [worker.segment(None, v, {}, lambda result: result + "!") for v in ("a", "bad", "c")]
+    image = np.zeros((4, 4, 3), np.uint8)
+    futures = [worker.segment(image, v, {}, lambda result: result + "!") for v in ("a", "bad", "c")]
     release.set()
     assert busy.result(timeout=5) is True
     assert futures[0].result(timeout=5) == "A!" and futures[2].result(timeout=5) == "C!"
@@ -256,6 +258,30 @@ def test_a_failing_job_in_a_batch_fails_alone():
     assert Picky.calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
     worker.close()
     assert worker.thread is None
+
+
+def test_a_batch_takes_along_images_within_its_pixel_budget():
+    import threading
+
+    from ovdense.serve import BATCH_PIXELS, ModelWorker
+
+    class Recorder:
+        batches = []
+
+        def predict_batch(self, images, vocabularies):
+            self.batches.append([image.shape[0] for image in images])
+            return vocabularies
+    worker = ModelWorker(Recorder(), batch=8)
+    started, release = threading.Event(), threading.Event()
+    worker.call(lambda: started.set() or release.wait())
+    assert started.wait(timeout=5)
+    big = int((BATCH_PIXELS * 0.6) ** 0.5)  # two of these pass the budget
+    sides = [big, big, 10, 10, big]
+    futures = [worker.segment(np.zeros((side, side, 3), np.uint8), "red", {}, lambda r: r) for side in sides]
+    release.set()
+    assert all(f.result(timeout=5) == "red" for f in futures)
+    assert Recorder.batches == [[big], [big, 10, 10], [big]]
+    worker.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the SystemExit below
@@ -277,7 +303,7 @@ def test_the_worker_outlives_closes_exits_and_cancelled_jobs():
     started, release = threading.Event(), threading.Event()
     busy = worker.call(lambda: started.set() or release.wait())
     assert started.wait(timeout=5)
-    waiting = worker.segment("a big image", "red", {}, lambda result: result)
+    waiting = worker.segment(np.zeros((4, 4, 3), np.uint8), "red", {}, lambda result: result)
     assert waiting.cancel() and len(worker.pending) == 0  # a timed-out request's job leaves the line at once
     release.set()
     assert busy.result(timeout=5) is True
@@ -331,8 +357,8 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
         refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "address already in use" in refused.stderr
     cache = tmp_path / "cache"
-    server = subprocess.Popen(command + ["--method", "maskclip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "OVDENSE_CACHE_DIR": str(cache)})  # maskclip: cached text
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OVDENSE_CACHE_DIR": str(cache)})
     try:
         for _ in range(600):
             try:
@@ -342,6 +368,7 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
                 time.sleep(0.1)
         response = _post_segment(f"http://127.0.0.1:{port}", _png(scene), "sky, grass, a word never seen")
         assert response.status_code == 200 and response.json()["model"] == "ovdense-tiny-vit"
+        assert response.json()["method"] == "maskclip"  # as `segment`: training-free, any words (its text cached)
         assert not cache.exists() or not any(cache.iterdir())
     finally:
         server.send_signal(signal.SIGTERM)
@@ -349,11 +376,25 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
     assert server.returncode == 0, err
 
 
-def test_the_cli_serves_the_best_shipped_method_by_default():
+def test_a_method_named_on_the_shipped_clip_gets_its_shipped_checkpoint():
     from ovdense.cli import _use_shipped_method, build_parser
-    args = build_parser().parse_args(["serve"])
+    args = build_parser().parse_args(["serve", "--method", "denseclip"])
     assert _use_shipped_method(args).method == args.method == "denseclip" and args.checkpoint.endswith(".safetensors")
     args = build_parser().parse_args(["serve", "--method", "maskclip"])
     assert _use_shipped_method(args).method == args.method == "maskclip" and args.checkpoint is None
-    args = build_parser().parse_args(["serve", "--model", "ViT-B-16", "--weights", "openai"])
-    assert _use_shipped_method(args) is None and args.method is None
+    args = build_parser().parse_args(["serve", "--model", "ViT-B-16", "--weights", "openai", "--method", "tcl"])
+    assert _use_shipped_method(args) is None and args.checkpoint is None
+
+
+def test_large_uploads_stay_in_memory(predictor, monkeypatch):
+    """Starlette would spool an upload over 1 MB to a temporary file: the app keeps it in memory."""
+    import tempfile
+    rolled = []
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: rolled.append(self))
+    noise = np.random.default_rng(0).integers(0, 256, (700, 700, 3), dtype=np.uint8)
+    png = _png(noise)
+    assert len(png) > 1024 * 1024
+    response = TestClient(create_app(predictor, DESCRIBED)).post("/v1/segment", files={"image": ("n.png", png)},
+                                                                 data={"classes": "red, blue"})
+    assert response.status_code == 200 and response.json()["width"] == 700
+    assert rolled == []

@@ -413,7 +413,8 @@ def cmd_serve(args) -> int:
     except ImportError as error:
         raise UsageError("ovdense serve needs FastAPI and uvicorn: pip install 'ovdense[serve]'") from error
     _check_model_options(args)
-    _use_shipped_method(args)  # as the demo: the best method that ships for the shipped tiny CLIP
+    if args.method:  # a method named on the shipped tiny CLIP: its shipped checkpoint (default: maskclip, any words)
+        _use_shipped_method(args)
     args.no_cache = True  # the text cache stays in memory: nothing a request sends reaches the disk
     predictor = _build_predictor(args)
     described = {**_describe(predictor), "preset": args.preset, "device": str(predictor.device)}

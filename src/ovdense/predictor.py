@@ -180,7 +180,8 @@ class SegmentationPredictor:
             std, device=self.device)[:, None, None]
         windows = sliding_windows(*size, protocol.crop, protocol.stride)
         y0, y1, x0, x1 = windows[0]
-        padding = crop_padding(y1 - y0, x1 - x0, self.backbone.stride, protocol.pad == "centre")
+        padding = crop_padding(y1 - y0, x1 - x0, self.backbone.stride, protocol.pad == "centre",
+                               self.method.min_crop_patches)
         return {"rgb": rgb, "pixels": pixels, "windows": windows, "padding": padding}
 
     def _embed(self, images: list[dict]) -> list[dict]:

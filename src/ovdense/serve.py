@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image, UnidentifiedImageError
+from starlette.formparsers import MultiPartParser
 
 from .data.images import load_image
 from .detection.grounding import split_phrases
@@ -35,12 +36,14 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 MAX_UPLOAD = 20 * 1024 * 1024
 MAX_PAMR = 50  # PAMR iterations a request may ask for (the papers use 10)
 MAX_CLASSES = 1500  # names a request may give (LVIS has 1203)
+BATCH_PIXELS = 4_000_000  # a batch takes along images while their pixels stay under this (a larger one runs alone)
 
 
 class ModelWorker:
     """The one thread that runs the models, taking jobs in arrival order. A segmentation job takes along the other
     segmentation jobs waiting with the same options (ahead of any other work) into one `predict_batch` of at most
-    `batch` images; other work runs alone. A job cancelled before its turn leaves the line at once.
+    `batch` images and BATCH_PIXELS pixels; other work runs alone. A job cancelled before its turn leaves the line
+    at once.
 
     own_thread: start a thread for `run` at the first job; False: the caller runs `run` itself, best in the thread
     that loaded the model (libgomp keeps a thread pool per calling thread; a second pool on few cores makes every
@@ -111,10 +114,16 @@ class ModelWorker:
                 return None
             group = [first]
             if first[2] is not None:
-                group += [job for job in self.pending
-                          if job is not None and job[2] is not None and job[2][2] == first[2][2]][:self.batch - 1]
-                for job in group[1:]:
-                    self.pending.remove(job)
+                pixels = _pixels(first)
+                for job in list(self.pending):
+                    if len(group) == self.batch:
+                        break
+                    if job is not None and job[2] is not None and job[2][2] == first[2][2]:
+                        if pixels + _pixels(job) > BATCH_PIXELS:
+                            break
+                        pixels += _pixels(job)
+                        group.append(job)
+                        self.pending.remove(job)
             return group
 
     def _submit(self, work, segment) -> Future:
@@ -152,6 +161,11 @@ class ModelWorker:
             _settle(future, lambda: finish(result))
 
 
+def _pixels(job) -> int:
+    rgb = job[2][0]
+    return rgb.shape[0] * rgb.shape[1]
+
+
 def _settle(future: Future, work) -> None:
     try:
         future.set_result(work())
@@ -175,6 +189,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="ovdense", description="Open-vocabulary segmentation", version="1", lifespan=lifespan)
+    # Starlette spools uploads over 1 MB to a temporary file; keep them in memory (process-wide: a class attribute)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_upload + 1)
     waiting = asyncio.Semaphore(queue + 1)
 
     class HTTPError(Exception):
@@ -244,6 +260,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
 
     def rgb_of(data: bytes, model):
         """The upload as (H, W, 3) uint8 RGB, refused from its header when over `model`'s pixel limit."""
+        if not data:
+            raise InputError("the upload is empty (0 bytes)")
         try:
             with warnings.catch_warnings():  # PIL warns above its own limit; ours speaks instead
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -12,7 +12,7 @@ def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tu
     scale = short / min(height, width)
     if max(height, width) * scale > max_size:
         scale = max_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def prepare_image(rgb: np.ndarray, short: int, max_size: int, mean, std, device="cpu") -> torch.Tensor:
@@ -27,10 +27,11 @@ def prepare_image(rgb: np.ndarray, short: int, max_size: int, mean, std, device=
     return pixels
 
 
-def pad_batch(images: list[torch.Tensor], divisible: int = 1) -> torch.Tensor:
-    """[(3, h_i, w_i)] -> (B, 3, H, W) zero-padded at the bottom and right; H, W multiples of `divisible`."""
-    height = -(-max(i.shape[1] for i in images) // divisible) * divisible
-    width = -(-max(i.shape[2] for i in images) // divisible) * divisible
+def pad_batch(images: list[torch.Tensor], divisible: int = 1, minimum: int = 1) -> torch.Tensor:
+    """[(3, h_i, w_i)] -> (B, 3, H, W) zero-padded at the bottom and right; H, W multiples of `divisible`, and at
+    least `minimum` (a thin image must survive the backbone's downsampling)."""
+    height = -(-max(minimum, *(i.shape[1] for i in images)) // divisible) * divisible
+    width = -(-max(minimum, *(i.shape[2] for i in images)) // divisible) * divisible
     batch = images[0].new_zeros(len(images), 3, height, width)
     for out, image in zip(batch, images):
         out[:, :image.shape[1], :image.shape[2]] = image

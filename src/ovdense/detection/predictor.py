@@ -59,7 +59,9 @@ class DetectionPredictor:
             if not torch.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
                 raise InputError("boxes must be finite [x0, y0, x1, y1] with x1 >= x0 and y1 >= y0")
             given = [boxes * scale]
-        embedded = self.detector.embed_image(pixels[None], [tuple(pixels.shape[1:])], boxes=given)[0]
+        # padded to 32 px at least (the res4 stride twice): a thinner image would vanish in the ResNet's pooling
+        embedded = self.detector.embed_image(pad_batch([pixels], minimum=32), [tuple(pixels.shape[1:])],
+                                             boxes=given)[0]
         embedded["boxes"] = boxes if boxes is not None else embedded["boxes"] / scale
         self._image = {"rgb": rgb, "embedded": embedded}
 

@@ -67,6 +67,7 @@ class DenseMethod(TrainedModel, nn.Module):
     scores = "cosine"
     mode: str | None = None
     pamr_on_masks = False  # True: crop_logits runs PAMR on each crop's masks itself (protocol.pamr_at == 'mask')
+    min_crop_patches = 1  # crops are padded to at least this many patches a side (a head that pools needs more)
 
     def __init__(self, backbone: CLIPBackbone):
         super().__init__()

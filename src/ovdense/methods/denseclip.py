@@ -26,6 +26,7 @@ from torchvision.ops import FeaturePyramidNetwork
 
 from ..backbones import CLIPBackbone
 from ..data.datasets import IGNORE_INDEX
+from ..errors import InputError
 from ..presets import Protocol
 from .base import DenseMethod
 
@@ -192,6 +193,7 @@ class DenseCLIP(DenseMethod):
 
     name = "denseclip"
     scores = "logits"
+    min_crop_patches = 2  # the ViT pyramid's 2x2 max-pool needs two patches a side
 
     def __init__(self, backbone: CLIPBackbone, class_names: list[str], language_guidance: bool = True,
                  prompting: str = "post", context_tokens: int = 8, name_length: int = 5, decoder_width: int = 256,
@@ -302,7 +304,7 @@ class DenseCLIP(DenseMethod):
         index = torch.tensor([self.class_names.index(q) if q in self.class_names else -1 for q in queries])
         if self.inference == "head":
             if (index < 0).all():
-                raise ValueError(f"none of {queries[:5]} is a class this DenseCLIP was trained on "
+                raise InputError(f"none of {queries[:5]} is a class this DenseCLIP was trained on "
                                  f"({', '.join(self.class_names[:10])}...); use inference='score_map' for new names")
             if (index < 0).any():
                 unknown = [q for q, i in zip(queries, index) if i < 0]

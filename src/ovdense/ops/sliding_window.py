@@ -29,11 +29,13 @@ def sliding_windows(height: int, width: int, crop: int | None, stride: int | Non
 Padding = tuple[int, int, int, int]  # (left, right, top, bottom)
 
 
-def crop_padding(height: int, width: int, patch: int, to_multiple: bool) -> Padding:
+def crop_padding(height: int, width: int, patch: int, to_multiple: bool, min_patches: int = 1) -> Padding:
     """Centred zero padding of a (height, width) crop: to a multiple of `patch` (ClearCLIP, TCL) when `to_multiple`,
-    and in any case to at least one patch, so that the patch embedding sees a whole patch."""
+    and in any case to at least `min_patches` patches, so that the patch embedding sees a whole patch (and a head
+    that pools, enough of them)."""
     def split(size: int) -> tuple[int, int]:
-        target = -(-size // patch) * patch if to_multiple else max(size, patch)
+        target = -(-size // patch) * patch if to_multiple else size
+        target = max(target, patch * min_patches)
         return (target - size) // 2, target - size - (target - size) // 2
     return (*split(width), *split(height))
 
