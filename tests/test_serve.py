@@ -353,7 +353,8 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "ovdense.cli", "serve", "--port", str(port), "--detector", "none"]
+        command = [sys.executable, "-m", "ovdense.cli", "serve", "--port", str(port), "--detector", "none",
+                   "--max-megapixels", "0.02"]
         refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "address already in use" in refused.stderr
     cache = tmp_path / "cache"
@@ -369,6 +370,8 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
         response = _post_segment(f"http://127.0.0.1:{port}", _png(scene), "sky, grass, a word never seen")
         assert response.status_code == 200 and response.json()["model"] == "ovdense-tiny-vit"
         assert response.json()["method"] == "maskclip"  # as `segment`: training-free, any words (its text cached)
+        big = _post_segment(f"http://127.0.0.1:{port}", _png(np.zeros((150, 150, 3), np.uint8)))
+        assert big.status_code == 400 and "over the limit of" in big.json()["error"]  # --max-megapixels 0.02
         assert not cache.exists() or not any(cache.iterdir())
     finally:
         server.send_signal(signal.SIGTERM)

@@ -397,8 +397,9 @@ def cmd_serve(args) -> int:
     import signal
     import threading
     if (args.port < 0 or args.port > 65535 or args.queue < 0 or args.timeout <= 0 or args.max_upload_mb <= 0
-            or args.max_classes < 1):
-        raise UsageError("--port must be 0-65535, --queue >= 0, --timeout and --max-upload-mb > 0, --max-classes >= 1")
+            or args.max_classes < 1 or args.max_megapixels <= 0):
+        raise UsageError("--port must be 0-65535, --queue >= 0, --timeout, --max-upload-mb and --max-megapixels > 0, "
+                         "--max-classes >= 1")
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -424,6 +425,9 @@ def cmd_serve(args) -> int:
             method=args.detector, checkpoint=args.detector_checkpoint,
             weights=args.detector_weights or (None if args.detector_checkpoint else "synthetic"), device=args.device,
             no_cache=args.no_cache, preset=None))
+    for model in (predictor, detector):
+        if model is not None:
+            model.max_pixels = int(args.max_megapixels * 1e6)
     worker = ModelWorker(predictor, args.batch_size, own_thread=False)  # the models run here, where they loaded
     app = create_app(predictor, described, api_key=args.api_key, max_upload=int(args.max_upload_mb * 1024 * 1024),
                      queue=args.queue, timeout=args.timeout, max_classes=args.max_classes, detector=detector,
@@ -803,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (more get 503)")
     srv.add_argument("--timeout", type=float, default=120.0, help="seconds a request may wait and run (then 504)")
     srv.add_argument("--max-classes", type=int, default=1500, help="names a request may give, synonyms included")
+    srv.add_argument("--max-megapixels", type=float, default=80.0,
+                     help="larger images get 400 (an 80 MP image takes about 4.6 GB at its peak)")
     srv.add_argument("--detector", choices=("none",) + DETECTION_METHODS, default="glip",
                      help="the detector behind /v1/detect (and, glip, /v1/ground)")
     srv.add_argument("--detector-checkpoint", help="its trained file (default: the one shipped, --detector-weights "
