@@ -500,3 +500,13 @@ def test_thin_images_are_segmented_detected_and_grounded(shipped_models, height,
         assert (boxes[:, 2] <= width + 1e-3).all() and (boxes[:, 3] <= height + 1e-3).all()
     glip.set_image(image)
     assert glip.ground("a star", None).class_names == ["a star"]
+
+
+def test_image_bytes_load_as_their_file_does(tmp_path, scene):
+    path = tmp_path / "scene.png"
+    Image.fromarray(scene).save(path)
+    assert np.array_equal(load_image(path.read_bytes()), load_image(path))
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="not an image PIL can read"):
+        load_image(b"definitely not an image")

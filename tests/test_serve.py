@@ -63,7 +63,7 @@ def test_bad_requests_get_clear_errors_never_a_500(predictor, scene):
         ({"image": ("s.png", _png(scene))}, {"classes": " , "}, 400, "classes"),
         ({"image": ("big.bin", bytes(60_000))}, {"classes": "red"}, 413, "bytes"),
         ({"image": ("s.png", _png(scene))}, {}, 422, "classes: Field required"),  # FastAPI's validation
-        ({"image": ("huge.png", _huge_png(20_000, 20_000))}, {"classes": "red"}, 400, "too large"),
+        ({"image": ("huge.png", _huge_png(20_000, 20_000))}, {"classes": "red"}, 400, "too many to decode"),
         ({"image": ("big.png", _huge_png(10_000, 10_000))}, {"classes": "red"}, 400, "pixels"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "templates": "klingon"}, 400, "template set"),
         ({"image": ("s.png", _png(scene))}, {"classes": "red", "logit_scale": "-1"}, 400, "logit_scale"),

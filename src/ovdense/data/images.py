@@ -10,6 +10,7 @@ Non-8-bit data is mapped to 0..255 as follows (anything else is refused with an 
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def _pil_to_rgb(image: Image.Image, name: str, max_pixels: int) -> np.ndarray:
 
 
 def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A path, PIL image or array -> (H, W, 3) uint8 RGB array.
+    """A path, the bytes of an image file, a PIL image or an array -> (H, W, 3) uint8 RGB array.
 
     Arrays may be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); dtypes and value ranges as in the module
     docstring. Multi-frame files give their first frame. Raises ImageError, naming the file, for missing,
@@ -85,6 +86,10 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return _array_to_rgb(source, max_pixels)
     if isinstance(source, Image.Image):
         return _pil_to_rgb(source, getattr(source, "filename", "") or "the image", max_pixels)
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageError("the image data is empty (0 bytes)")
+        return _open_to_rgb(io.BytesIO(source), "the image data", max_pixels)
     path = Path(source)
     if path.is_dir():
         raise ImageError(f"{path}: is a folder, not an image file")
@@ -92,19 +97,24 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: the file is empty (0 bytes)")
+    return _open_to_rgb(path, str(path), max_pixels)
+
+
+def _open_to_rgb(file, name: str, max_pixels: int) -> np.ndarray:
+    """Open a path or binary file with PIL (refusing a decompression bomb from its header), then `_pil_to_rgb`."""
     try:
         with warnings.catch_warnings():  # PIL warns above MAX_IMAGE_PIXELS; our own limit speaks instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(file)
     except Image.DecompressionBombError as error:
-        raise ImageError(f"{path}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, too many to decode safely "
+        raise ImageError(f"{name}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, too many to decode safely "
                          f"(PIL: {error}); downscale it first") from error
     except UnidentifiedImageError as error:
-        raise ImageError(f"{path}: not an image PIL can read ({error})") from error
+        raise ImageError(f"{name}: not an image PIL can read ({error})") from error
     except OSError as error:  # e.g. no read permission
-        raise ImageError(f"{path}: cannot be read ({error.strerror or error})") from error
+        raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from error
     with image:
-        return _pil_to_rgb(image, str(path), max_pixels)
+        return _pil_to_rgb(image, name, max_pixels)
 
 
 def _array_to_rgb(array: np.ndarray, max_pixels: int) -> np.ndarray:
