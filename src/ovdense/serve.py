@@ -1,11 +1,12 @@
 """`ovdense serve`: segmentation over HTTP (FastAPI on uvicorn: the maintained ASGI pair with OpenAPI docs at /docs).
 
-The model loads once; requests share it and its text-embedding cache (in memory: requests write nothing to disk). One thread (`ModelWorker`) runs the models;
-requests decode their image in their own thread and queue for it, and the segmentation requests that wait together
-run as one batch through the image encoder. At most `queue` requests wait: more get 503 at once instead of piling up
-in memory; a request that waits and runs longer than `timeout` gets 504, and if its turn had not come its work is
-dropped. Uploads over `max_upload` bytes get 413 before the rest is read. Bad images and vocabularies get 4xx with a
-JSON {"error": ...} body. Nothing a request sends is written to disk, and no request names a file.
+The model loads once; requests share it and its text-embedding cache (in memory: requests write nothing to disk).
+One thread (`ModelWorker`) runs the models; requests decode their image in their own thread and queue for it, and
+the segmentation requests that wait together run as one batch through the image encoder. At most `queue` requests
+wait: more get 503 at once instead of piling up in memory; a request that waits and runs longer than `timeout` gets
+504, and if its turn had not come its work is dropped. Uploads over `max_upload` bytes get 413 before the rest is
+read. Bad images and vocabularies get 4xx with a JSON {"error": ...} body. Nothing a request sends is written to
+disk, and no request names a file.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -37,6 +41,25 @@ MAX_CLASSES = 1500  # names a request may give (LVIS has 1203)
 BATCH_PIXELS = 4_000_000  # a batch takes along images while their pixels stay under this (a larger one runs alone)
 
 
+@dataclass(eq=False)
+class _Job:
+    """Model work: work() alone, or, with `rgb`, work(SegmentationResult of rgb, vocabulary and overrides)."""
+
+    future: Future
+    work: Callable
+    rgb: np.ndarray | None = None
+    vocabulary: Vocabulary | None = None
+    overrides: dict | None = None
+
+    @property
+    def pixels(self) -> int:
+        return self.rgb.shape[0] * self.rgb.shape[1]
+
+    def joins(self, first: "_Job") -> bool:
+        """Whether this job can run in the segmentation batch that `first` starts."""
+        return self.rgb is not None and self.overrides == first.overrides
+
+
 class ModelWorker:
     """The one thread that runs the models, taking jobs in arrival order. A segmentation job takes along the other
     segmentation jobs waiting with the same options (ahead of any other work) into one `predict_batch` of at most
@@ -51,26 +74,26 @@ class ModelWorker:
         if batch < 1:
             raise UsageError(f"batch must be at least 1, got {batch}")
         self.predictor, self.batch, self.own_thread = predictor, batch, own_thread
-        self.pending: deque = deque()  # (future, work, None); to segment, (future, finish, (rgb, vocabulary, overrides))
+        self.pending: deque[_Job | None] = deque()  # None: stop
         self.ready = threading.Condition()
         self.thread: threading.Thread | None = None
 
     def segment(self, rgb, vocabulary, overrides: dict, finish) -> Future:
         """A future finish(SegmentationResult of (H, W, 3) uint8 `rgb`), finish run on the worker's thread;
         overrides: Protocol fields for `predict`."""
-        return self._submit(finish, (rgb, vocabulary, overrides))
+        return self._submit(_Job(Future(), finish, rgb, vocabulary, overrides))
 
     def call(self, work) -> Future:
         """A future of work(), run alone on the worker's thread."""
-        return self._submit(work, None)
+        return self._submit(_Job(Future(), work))
 
     def run(self) -> None:
         """Run jobs in the calling thread until `close`."""
         while (group := self._next()) is not None:
-            group = [job for job in group if job[0].set_running_or_notify_cancel()]
+            group = [job for job in group if job.future.set_running_or_notify_cancel()]
             try:
-                if group and group[0][2] is None:
-                    _settle(group[0][0], group[0][1])
+                if group and group[0].rgb is None:
+                    _settle(group[0].future, group[0].work)
                 elif group:
                     self._segment(group)
             except BaseException as error:  # SystemExit, KeyboardInterrupt: no request is left waiting for ever
@@ -79,9 +102,9 @@ class ModelWorker:
                         self.thread = None
                         if self.pending:
                             self._start()
-                for future, _, _ in group:
-                    if not future.done():
-                        future.set_exception(error)
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(error)
                 raise
 
     def close(self) -> None:
@@ -102,7 +125,7 @@ class ModelWorker:
         self.thread = threading.Thread(target=self.run, name="ovdense-model", daemon=True)
         self.thread.start()
 
-    def _next(self) -> list | None:
+    def _next(self) -> list[_Job] | None:
         """The next job and, for segmentation, the jobs it takes along; None when closed."""
         with self.ready:
             while not self.pending:
@@ -111,57 +134,50 @@ class ModelWorker:
             if first is None:
                 return None
             group = [first]
-            if first[2] is not None:
-                pixels = _pixels(first)
-                for job in list(self.pending):
-                    if len(group) == self.batch:
+            if first.rgb is None:
+                return group
+            pixels = first.pixels
+            for job in list(self.pending):
+                if len(group) == self.batch:
+                    break
+                if job is not None and job.joins(first):
+                    if pixels + job.pixels > BATCH_PIXELS:
                         break
-                    if job is not None and job[2] is not None and job[2][2] == first[2][2]:
-                        if pixels + _pixels(job) > BATCH_PIXELS:
-                            break
-                        pixels += _pixels(job)
-                        group.append(job)
-                        self.pending.remove(job)
+                    pixels += job.pixels
+                    group.append(job)
+                    self.pending.remove(job)
             return group
 
-    def _submit(self, work, segment) -> Future:
-        future = Future()
-        future.add_done_callback(self._forget)
+    def _submit(self, job: _Job) -> Future:
+        job.future.add_done_callback(lambda future: self._forget(job) if future.cancelled() else None)
         with self.ready:
             if self.own_thread and not self._running():
                 self._start()
-            self.pending.append((future, work, segment))
+            self.pending.append(job)
             self.ready.notify()
-        return future
+        return job.future
 
-    def _forget(self, future: Future) -> None:
+    def _forget(self, job: _Job) -> None:
         """A cancelled job leaves the line (and its image the memory) at once."""
-        if future.cancelled():
-            with self.ready:
-                for job in self.pending:
-                    if job is not None and job[0] is future:
-                        self.pending.remove(job)
-                        break
+        with self.ready:
+            if job in self.pending:
+                self.pending.remove(job)
 
-    def _segment(self, group: list) -> None:
-        images, vocabularies = [job[2][0] for job in group], [job[2][1] for job in group]
-        overrides = group[0][2][2]
+    def _segment(self, group: list[_Job]) -> None:
+        overrides = group[0].overrides
         try:
-            results = self.predictor.predict_batch(images, vocabularies, **overrides)
+            results = self.predictor.predict_batch([job.rgb for job in group], [job.vocabulary for job in group],
+                                                   **overrides)
         except Exception as error:
             if len(group) == 1:
-                group[0][0].set_exception(error)
+                group[0].future.set_exception(error)
                 return
-            for future, finish, (rgb, vocabulary, _) in group:  # one bad job must not fail the others: each alone
-                _settle(future, lambda: finish(self.predictor.predict_batch([rgb], [vocabulary], **overrides)[0]))
+            for job in group:  # one bad job must not fail the others: each alone
+                _settle(job.future, lambda: job.work(
+                    self.predictor.predict_batch([job.rgb], [job.vocabulary], **overrides)[0]))
             return
-        for (future, finish, _), result in zip(group, results):
-            _settle(future, lambda: finish(result))
-
-
-def _pixels(job) -> int:
-    rgb = job[2][0]
-    return rgb.shape[0] * rgb.shape[1]
+        for job, result in zip(group, results):
+            _settle(job.future, lambda: job.work(result))
 
 
 def _settle(future: Future, work) -> None:
@@ -176,9 +192,9 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
                detector_described: dict | None = None, worker: ModelWorker | None = None):
     """The ASGI app around a SegmentationPredictor. described: what /v1/models reports (model, weights, method,
     preset, device). api_key: a bearer token every /v1 request must carry (None: none needed). batch: at most this
-    many waiting segmentation requests run together. max_classes: names (synonyms included) a request may give. detector: a DetectionPredictor or GroundingPredictor for
-    /v1/detect (and, a GroundingPredictor, /v1/ground). worker: the ModelWorker to use (default: one with its own
-    thread)."""
+    many waiting segmentation requests run together. max_classes: names (synonyms included) a request may give.
+    detector: a DetectionPredictor or GroundingPredictor for /v1/detect (and, a GroundingPredictor, /v1/ground).
+    worker: the ModelWorker to use (default: one with its own thread)."""
     worker = worker or ModelWorker(predictor, batch)
 
     @asynccontextmanager
@@ -205,7 +221,8 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, problem['loc'][1:]))}: {problem['msg']}" for problem in error.errors())
+        problems = "; ".join(f"{'.'.join(map(str, problem['loc'][1:]))}: {problem['msg']}"
+                             for problem in error.errors())
         return JSONResponse({"error": problems}, status_code=422)
 
     @app.middleware("http")
