@@ -25,6 +25,8 @@ logger = logging.getLogger("ovdense")
 SYNTHETIC_NOTE = ("weights: the tiny CLIP that ships with ovdense, trained from scratch on the synthetic world's "
                   "captions (configs/tiny_clip_vit_synthetic.yaml); it knows only that world's words. For real images "
                   "use real CLIP weights: ovdense demo --model ViT-B-16 --weights openai --preset default.")
+SHIPPED_MODEL = "ovdense-tiny-vit"  # the CLIP the shipped segmenters run on
+REAL_MODEL = "ViT-B-16"  # the architecture real weights named alone (--weights openai) imply
 RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are available offline, so these masks "
                "show the pipeline working, not CLIP's knowledge. For real results pass --weights openai "
                "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
@@ -46,18 +48,23 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _add_model_args(parser: argparse.ArgumentParser, default_model: str = "ViT-B-16", default_weights: str = "openai",
-                    methods=METHODS, presets=None) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", help=f"open_clip architecture (see `ovdense models`; default: {default_model}, "
-                                         "or the one a --checkpoint was trained on)")
-    group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, or 'random' "
-                                         f"(default: {default_weights}, or those a --checkpoint records)")
+MODEL_RULE = (f"Without --model and --weights every command runs the CLIP that ships with ovdense ({SHIPPED_MODEL}, "
+              "weights 'synthetic': offline, but it knows only the synthetic world's words). For real images name "
+              "real weights, e.g. --model ViT-B-16 --weights openai (one flag implies the other: --model alone takes "
+              "its first open_clip tag, --weights alone takes ViT-B-16, or the tiny CLIP for 'synthetic').")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, methods=METHODS, presets=None) -> None:
+    group = parser.add_argument_group("model", MODEL_RULE)
+    group.add_argument("--model", help="open_clip architecture (see `ovdense models`; default: the one --weights or a "
+                                       f"--checkpoint implies, else {SHIPPED_MODEL})")
+    group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, 'synthetic' "
+                                         "(shipped) or 'random' (default: the --model's first tag, or those a "
+                                         "--checkpoint records)")
     group.add_argument("--method", choices=methods,
                        help=f"default: the one a --checkpoint records, else maskclip; trained methods "
                             f"({', '.join(TRAINED_METHODS)}) need --checkpoint")
     group.add_argument("--checkpoint", help="a trained method's file (from `ovdense train METHOD`)")
-    parser.set_defaults(default_model=default_model, default_weights=default_weights)
     group.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: the preset's, else maskclip)")
     group.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     group.add_argument("--half", action="store_true", help="encode images in half precision (fp16 on GPU, bf16 on CPU)")
@@ -119,11 +126,10 @@ def _build_predictor(args, dataset: str | None = None):
     if args.checkpoint and not args.method:  # a trained checkpoint records its method
         args.method = read_trained(args.checkpoint, tensors=False)[0]["method"]
     args.method = args.method or "maskclip"
-    trained = args.method in TRAINED_METHODS
-    if trained and args.mode:
+    _complete_model_flags(args)
+    if args.method in TRAINED_METHODS and args.mode:
         raise UsageError(f"--mode applies to the training-free method (maskclip); {args.method} has its own dense head")
-    model = args.model if trained else args.model or args.default_model
-    weights = args.weights if trained else args.weights or args.default_weights
+    model, weights = args.model, args.weights
     recommended = recommended_preset(args.method, model, weights, args.checkpoint)
     args.preset = args.preset or recommended or "default"
     protocol = _protocol(args, args.preset, dataset)
@@ -134,6 +140,29 @@ def _build_predictor(args, dataset: str | None = None):
     return build_predictor(model, weights, args.method, args.mode, preset=protocol, device=str(device),
                            checkpoint=args.checkpoint, batch_size=args.batch_size,
                            autocast=(torch.float16 if device.type == "cuda" else torch.bfloat16) if args.half else None)
+
+
+def _complete_model_flags(args) -> None:
+    """Fill --model / --weights by MODEL_RULE (a --checkpoint records its own), and give a trained --method on the
+    shipped CLIP the checkpoint that ships for it."""
+    import open_clip
+
+    from . import demo
+    from .backbones.loading import PACKAGED_WEIGHTS
+    if getattr(args, "checkpoint", None):
+        return
+    if args.model is None:
+        args.model = SHIPPED_MODEL if args.weights in (None, *(tag for _, tag in PACKAGED_WEIGHTS)) else REAL_MODEL
+    if args.weights is None:
+        tags = [tag for name, tag in PACKAGED_WEIGHTS if name == args.model]
+        tags = tags or open_clip.list_pretrained_tags_by_model(args.model)
+        if not tags:
+            raise UsageError(f"--model {args.model}: no pretrained weights are known for it; give --weights (an open_clip "
+                             "tag, a checkpoint file or 'random'); `ovdense models` lists architectures and their tags")
+        args.weights = tags[0]
+    shipped = demo.shipped_method(getattr(args, "method", None))
+    if args.method in TRAINED_METHODS and (args.model, args.weights) == (SHIPPED_MODEL, "synthetic") and shipped:
+        args.checkpoint = str(shipped.checkpoint)
 
 
 def _describe(predictor) -> dict:
@@ -152,10 +181,10 @@ def _segment_one(predictor, image_path: Path, vocabulary, out_dir: Path, stem: s
 
 
 def _vocabulary(args):
-    from .text import Vocabulary
     classes_file = getattr(args, "classes_file", None)
-    if bool(args.classes) == bool(classes_file):
+    if bool(args.classes) == bool(classes_file):  # checked before the import below loads torch
         raise UsageError("give the classes with exactly one of --classes 'cat, dog; puppy' or --classes-file FILE")
+    from .text import Vocabulary
     if classes_file:
         return Vocabulary.from_file(classes_file)
     try:
@@ -374,18 +403,24 @@ def cmd_export(args) -> int:
     text embeddings, for onnxruntime alone (`ovdense.onnx_runtime.OnnxSegmenter`)."""
     from .backbones import load_clip
     from .io import prepare_output_dir
+    from .methods import recommended_preset
     from .onnx_export import export_onnx
+    from .presets import get_protocol
     from .text import resolve_templates
     if args.format != "onnx":
         raise UsageError(f"--format {args.format}: only onnx is supported")
     vocabulary = _vocabulary(args)
-    clip = load_clip(args.model or args.default_model, args.weights or args.default_weights, device="cpu")
+    args.method, args.checkpoint = "maskclip", None
+    _complete_model_flags(args)
+    clip = load_clip(args.model, args.weights, device="cpu")
     mode = args.mode or "maskclip"
     if mode not in clip.supported_modes():
         raise UsageError(f"--mode {mode} is not available for {clip.name}; choose one of "
                          f"{', '.join(clip.supported_modes())}")
+    protocol = get_protocol(recommended_preset("maskclip", args.model, args.weights) or "default")
     out_dir = prepare_output_dir(args.output)
-    paths = export_onnx(clip, mode, vocabulary, resolve_templates(args.templates), out_dir)
+    paths = export_onnx(clip, mode, vocabulary, resolve_templates(args.templates or protocol.templates), out_dir,
+                        logit_scale=protocol.logit_scale, short_side=protocol.short_side)
     print(f"wrote {', '.join(str(p) for p in paths.values())}; segment with onnxruntime alone: "
           f"ovdense.onnx_runtime.OnnxSegmenter('{out_dir}')")
     return 0
@@ -456,8 +491,7 @@ def _use_shipped_method(args):
     """On the shipped tiny CLIP (default model and weights, no checkpoint), set args to the best method that ships
     for it (or the shipped one `--method` names); returns that ShippedMethod, or None."""
     from . import demo
-    if args.checkpoint or args.model not in (None, args.default_model) or args.weights not in (None,
-                                                                                             args.default_weights):
+    if args.checkpoint or args.model not in (None, SHIPPED_MODEL) or args.weights not in (None, "synthetic"):
         return None
     shipped = demo.shipped_method(args.method)
     if shipped:
@@ -748,6 +782,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+CONVERTED = ("tcl", "denseclip", "regionclip", "glip")  # the official repositories `ovdense convert` reads
+
+
+def cmd_convert(args) -> int:
+    """An official checkpoint (with its companions, e.g. RegionCLIP's offline RPN) -> one ovdense file recording the
+    method, the model it needs and the preset of the paper's test protocol."""
+    import importlib
+
+    from .io import check_output_file
+    output = check_output_file(args.output)
+    if output.suffix != ".safetensors":
+        raise UsageError(f"--output {output}: ovdense writes .safetensors files; name it e.g. {output.stem}.safetensors")
+    missing = [path for path in args.files if not Path(path).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]} does not exist; `ovdense models` says where each official file is published")
+    options = {key: value for key, value in (("ema", args.ema or None), ("text_source", args.text_source),
+                                             ("class_names", args.classes)) if value is not None}
+    converter = importlib.import_module(f".convert.{args.method}", __package__)
+    written = converter.convert(args.files, output, **options)
+    print(f"wrote {written}; run it with: ovdense {'detect' if args.method in DETECTION_METHODS else 'segment'} "
+          f"IMAGE --checkpoint {written} --classes '...'")
+    return 0
+
+
 def _dense_modes_of(name: str) -> str:
     """The dense modes an open_clip architecture supports, from its config (no model is built)."""
     import open_clip
@@ -767,10 +825,25 @@ def cmd_models(args) -> int:
     import open_clip
 
     from .backbones.loading import PACKAGED_WEIGHTS
+    from .demo import SHIPPED_METHODS
+    from .methods import PACKAGED_DETECTORS
+    from .zoo import RELEASES
     print("Shipped with ovdense (offline, no download):")
     for (name, tag), packaged in PACKAGED_WEIGHTS.items():
         print(f"  {name} --weights {tag}  (preset {packaged.preset}; dense modes: {_dense_modes_of(name)})")
         print(f"      {packaged.description}")
+    for shipped in SHIPPED_METHODS:
+        if shipped.checkpoint:
+            print(f"  segment --method {shipped.method} --weights synthetic  (on ovdense-tiny-vit; mIoU {shipped.miou} "
+                  f"on 200 synthetic val scenes; made by {shipped.command})")
+    for (method, tag), (_, command, preset) in PACKAGED_DETECTORS.items():
+        print(f"  detect --method {method} --weights {tag}  (preset {preset}; made by {command})")
+    print("\nThe authors' released models (download the files from the source, then convert once):")
+    for release in RELEASES:
+        print(f"  {release.name}: {release.method}, {release.backbone}; preset {release.preset}")
+        print(f"      paper: {release.paper}")
+        print(f"      files: {', '.join(release.files)} from {release.source}")
+        print(f"      {release.command}")
     tags: dict[str, list[str]] = {}
     for name, tag in open_clip.list_pretrained():
         tags.setdefault(name, []).append(tag)
@@ -792,7 +865,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", formatter_class=_Formatter,
                           help="segment a synthetic-world scene end to end; runs offline")
-    _add_model_args(demo, default_model="ovdense-tiny-vit", default_weights="synthetic")
+    _add_model_args(demo)
     demo.add_argument("--classes", help="free-text classes (default: the synthetic world's 20 class names)")
     demo.add_argument("--scene", type=int, default=0, help="index of the val scene to segment")
     demo.add_argument("--zoom", type=int, default=4, help="the 96 px scene is shown this many times larger")
@@ -814,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--detector-checkpoint", help="its trained file (default: the one shipped, --detector-weights "
                                                    "synthetic)")
     srv.add_argument("--detector-weights", help="'synthetic' (shipped) or CLIP weights for a --detector-checkpoint")
-    _add_model_args(srv, default_model="ovdense-tiny-vit", default_weights="synthetic")
+    _add_model_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     seg = sub.add_parser("segment", formatter_class=_Formatter, help="segment images with free-text classes")
@@ -868,9 +941,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", help="open_clip architecture (default: the shipped ovdense-tiny-vit)")
     ex.add_argument("--weights", help="CLIP weights (default: synthetic)")
     ex.add_argument("--mode", choices=DENSE_MODES, help="dense-feature mode (default: maskclip)")
-    ex.add_argument("--templates", choices=TEMPLATE_SETS, default="imagenet80", help="prompt templates")
+    ex.add_argument("--templates", choices=TEMPLATE_SETS, help="prompt templates (default: the model's preset's; "
+                                                               "its logit scale and short side are recorded too)")
     ex.add_argument("--output", default="outputs/onnx", help="the folder for the three files")
-    ex.set_defaults(func=cmd_export, default_model="ovdense-tiny-vit", default_weights="synthetic")
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", formatter_class=_Formatter,
                         help="mIoU of a segmenter on a standard dataset, or AP of a detector on COCO / LVIS JSON")
@@ -919,8 +993,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "stopped before the recipe's steps exports nothing")
     train.set_defaults(func=cmd_train)
 
-    models = sub.add_parser("models", help="list the shipped model and open_clip's architectures, tags and dense modes")
+    conv = sub.add_parser("convert", formatter_class=_Formatter,
+                          help="convert the authors' released checkpoints into ovdense files (`ovdense models` lists them)")
+    conv.add_argument("method", choices=CONVERTED, help="the official repository the files come from")
+    conv.add_argument("files", nargs="+", help="the released file(s), as `ovdense models` lists them (RegionCLIP: the "
+                                               "detector, then its offline RPN)")
+    conv.add_argument("--output", required=True, help="the .safetensors file to write")
+    conv.add_argument("--ema", action="store_true", help="glip: take the EMA weights ('model_ema')")
+    conv.add_argument("--text-source", help="glip: a folder with BERT's tokenizer and config (default: "
+                                            "bert-base-uncased from the Hugging Face cache)")
+    conv.add_argument("--classes", help="regionclip: the vocabulary recorded as the detector's classes")
+    conv.set_defaults(func=cmd_convert)
+
+    models = sub.add_parser("models", help="list the authors' released models, the shipped ones and open_clip's "
+                                           "architectures, tags and dense modes")
     models.set_defaults(func=cmd_models)
+    for command in sub.choices.values():  # -q / -v also after the command; SUPPRESS keeps the top level's value
+        command.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="as before the command")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="as before the command")
     return parser
 
 

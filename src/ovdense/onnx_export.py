@@ -5,7 +5,7 @@ The folder it writes:
                        (the CLIP's `dense_features` in the chosen mode, e.g. MaskCLIP's)
   text_embeddings.npy  (Q, D) unit-norm embeddings of the vocabulary's queries, synonyms included (template-averaged)
   ovdense_onnx.json    model, weights, mode, stride, image mean / std, the class names, each query's class, the
-                       templates, the logit scale
+                       templates, the logit scale, the short side images are resized to
 `ovdense.onnx_runtime.OnnxSegmenter(folder)` segments with numpy, Pillow and onnxruntime (no torch).
 """
 from __future__ import annotations
@@ -36,9 +36,10 @@ class DenseEncoder(nn.Module):
 
 
 def export_onnx(clip, mode: str, vocabulary, templates: tuple[str, ...], out_dir: str | Path,
-                logit_scale: float = 100.0) -> dict[str, Path]:
+                logit_scale: float = 100.0, short_side: int | None = 448) -> dict[str, Path]:
     """Write the three files of the module docstring into `out_dir` (each atomically); returns their paths.
-    vocabulary: a Vocabulary, 'sky, grass; lawn' or a list of names."""
+    vocabulary: a Vocabulary, 'sky, grass; lawn' or a list of names. logit_scale, short_side: the protocol the
+    runtime follows (short_side None: images as they are)."""
     try:
         import onnxscript  # noqa: F401  (torch's exporter needs it)
     except ImportError as error:
@@ -61,5 +62,6 @@ def export_onnx(clip, mode: str, vocabulary, templates: tuple[str, ...], out_dir
     write_text_atomic(paths["ovdense_onnx.json"], json.dumps({
         "model": clip.name, "weights": clip.weights, "mode": mode, "stride": clip.stride,
         "image_mean": list(clip.image_mean), "image_std": list(clip.image_std), "classes": list(vocabulary.names),
-        "query_to_class": list(vocabulary.query_to_class), "templates": list(templates), "logit_scale": logit_scale}, indent=2))
+        "query_to_class": list(vocabulary.query_to_class), "templates": list(templates), "logit_scale": logit_scale,
+        "short_side": short_side}, indent=2))
     return paths

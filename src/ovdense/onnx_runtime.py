@@ -9,13 +9,25 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+
+def read_rgb(image) -> np.ndarray:
+    """A path, a PIL image or an (H, W, 3) uint8 array -> (H, W, 3) uint8 RGB (EXIF orientation applied to files)."""
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    return np.asarray(image.convert("RGB"))
 
 
 class OnnxSegmenter:
-    """folder: what `ovdense.onnx_export.export_onnx` wrote. short: the side images are resized to (0: as they are)."""
+    """folder: what `ovdense.onnx_export.export_onnx` wrote. short: the side images are resized to (default: the one
+    the export recorded, its model's preset; 0: as they are)."""
 
-    def __init__(self, folder: str | Path, short: int = 448, providers: list[str] | None = None):
+    def __init__(self, folder: str | Path, short: int | None = None, providers: list[str] | None = None):
         import onnxruntime
         folder = Path(folder)
         self.config = json.loads((folder / "ovdense_onnx.json").read_text(encoding="utf-8"))
@@ -23,7 +35,7 @@ class OnnxSegmenter:
         self.query_to_class = np.asarray(self.config["query_to_class"])  # (Q,) class of each query
         self.session = onnxruntime.InferenceSession(str(folder / "image_encoder.onnx"),
                                                     providers=providers or ["CPUExecutionProvider"])
-        self.short = short
+        self.short = self.config.get("short_side", 448) if short is None else short
 
     @property
     def classes(self) -> list[str]:
@@ -45,9 +57,10 @@ class OnnxSegmenter:
                                                                                        np.float32)
         return pixels.transpose(2, 0, 1)[None]
 
-    def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, 3) uint8 image -> ((H, W) int64 class indices, (K, H, W) float32 class probabilities: each class's
-        best synonym's share of the softmax over all queries)."""
+    def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
+        """An image (path, PIL image or (H, W, 3) uint8 array) -> ((H, W) int64 class indices, (K, H, W) float32 class
+        probabilities: each class's best synonym's share of the softmax over all queries)."""
+        rgb = read_rgb(image)
         height, width = rgb.shape[:2]
         features = self.features(self.prepare(rgb))[0]  # (D, h, w)
         logits = np.einsum("dhw,qd->qhw", features, self.text) * self.config["logit_scale"]

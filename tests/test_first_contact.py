@@ -1,0 +1,100 @@
+"""What a new user meets first: one rule for the model flags, usage errors before torch loads, -q anywhere, the
+shipped models by name, and an ONNX export that labels a scene as `segment` does."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovdense.cli import main
+from ovdense.data.export import scene_index
+from ovdense.data.synthetic import SyntheticWorld
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    Image.fromarray(np.asarray(SyntheticWorld().scene(scene_index("val", 0)).image)).save(path)
+    return path
+
+
+def _run(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr()
+
+
+def test_a_missing_vocabulary_is_reported_before_torch_loads(tmp_path):
+    script = ("import sys; from ovdense.cli import main; code = main(['segment', 'x.png']); "
+              "sys.exit(10 * code + ('torch' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 20, done.stderr  # usage error (2), torch never imported (0)
+    assert "--classes" in done.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("ovdense-tiny-vit", "synthetic", "maskclip")),
+    (["--weights", "synthetic"], ("ovdense-tiny-vit", "synthetic", "maskclip")),
+    (["--model", "ovdense-tiny-vit"], ("ovdense-tiny-vit", "synthetic", "maskclip")),
+    (["--model", "ovdense-tiny-rn"], ("ovdense-tiny-rn", "synthetic", "maskclip")),
+    (["--method", "denseclip", "--weights", "synthetic"], ("ovdense-tiny-vit", "synthetic", "denseclip")),
+    (["--method", "tcl"], ("ovdense-tiny-vit", "synthetic", "tcl")),
+])
+def test_one_flag_implies_the_other_and_shipped_methods_work_by_name(flags, expected, scene_png, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, captured = _run(["segment", str(scene_png), "--classes", "sky, sand, grass", "--output", str(out), "-q",
+                           *flags], capsys)
+    assert code == 0, captured.err
+    described = json.loads((out / "scene.json").read_text())
+    assert (described["model"], described["weights"], described["method"]) == expected
+    assert {s["label"] for s in described["segments"]} <= {"sky", "sand", "grass"}
+
+
+def test_real_weights_alone_imply_a_real_architecture(scene_png, tmp_path, capsys, monkeypatch):
+    import ovdense.predictor as predictor_module
+    seen = {}
+
+    def fake_build(model, weights, *args, **kwargs):
+        seen.update(model=model, weights=weights)
+        raise SystemExit(0)
+    monkeypatch.setattr(predictor_module, "build_predictor", fake_build)
+    with pytest.raises(SystemExit):
+        main(["segment", str(scene_png), "--classes", "cat", "--output", str(tmp_path), "--weights", "openai"])
+    assert seen == {"model": "ViT-B-16", "weights": "openai"}
+    with pytest.raises(SystemExit):
+        main(["segment", str(scene_png), "--classes", "cat", "--output", str(tmp_path), "--model", "RN50"])
+    assert seen == {"model": "RN50", "weights": "openai"}
+
+
+def test_quiet_and_verbose_are_accepted_after_the_command(scene_png, tmp_path, capsys):
+    code, captured = _run(["segment", str(scene_png), "--classes", "sky", "--output", str(tmp_path), "-q"], capsys)
+    assert code == 0 and captured.err == ""
+    assert "--quiet" in subprocess.run([sys.executable, "-m", "ovdense.cli", "segment", "--help"],
+                                       capture_output=True, text=True).stdout
+
+
+def test_the_model_rule_is_in_the_help():
+    for command in ("segment", "eval", "export", "demo", "serve"):
+        shown = " ".join(subprocess.run([sys.executable, "-m", "ovdense.cli", command, "--help"],
+                                        capture_output=True, text=True).stdout.split())
+        assert "ships with ovdense (ovdense-tiny-vit" in shown or command == "export", command
+
+
+def test_onnx_export_labels_a_scene_as_segment_does(scene_png, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from ovdense.onnx_runtime import OnnxSegmenter
+    classes = "sky, grass, water, sand, snow, brick wall, wooden floor, asphalt"
+    code, captured = _run(["export", "--classes", classes, "--output", str(tmp_path / "onnx"), "-q"], capsys)
+    assert code == 0, captured.err
+    config = json.loads((tmp_path / "onnx" / "ovdense_onnx.json").read_text())
+    assert config["templates"] == ["{}"] and config["short_side"] == 96 and config["logit_scale"] == 40.0
+    code, captured = _run(["segment", str(scene_png), "--classes", classes, "--output", str(tmp_path / "seg"),
+                           "--pamr", "0", "-q"], capsys)
+    assert code == 0, captured.err
+    expected = np.asarray(Image.open(tmp_path / "seg" / "scene_labels.png"))
+    segmenter = OnnxSegmenter(tmp_path / "onnx")
+    for image in (scene_png, str(scene_png), Image.open(scene_png), np.asarray(Image.open(scene_png).convert("RGB"))):
+        labels, _ = segmenter(image)
+        assert (labels == expected).mean() > 0.98
