@@ -98,3 +98,21 @@ def test_onnx_export_labels_a_scene_as_segment_does(scene_png, tmp_path, capsys)
     for image in (scene_png, str(scene_png), Image.open(scene_png), np.asarray(Image.open(scene_png).convert("RGB"))):
         labels, _ = segmenter(image)
         assert (labels == expected).mean() > 0.98
+
+
+def test_eval_names_the_option_whose_path_is_wrong(tmp_path, capsys):
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    (tmp_path / "results").mkdir()
+    code, captured = _run(["eval", "--annotations", str(annotations), "--method", "glip", "--weights", "synthetic",
+                           "--results", str(tmp_path / "results")], capsys)
+    assert code == 1 and "--results" in captured.err and "--output" not in captured.err
+
+
+def test_ground_records_the_threshold_it_applied(scene_png, tmp_path, capsys):
+    code, captured = _run(["ground", str(scene_png), "--caption", "sand with a black hourglass", "--weights",
+                           "synthetic", "--threshold", "0.3", "--output", str(tmp_path), "-q"], capsys)
+    assert code == 0, captured.err
+    written = json.loads((tmp_path / "scene.json").read_text())
+    assert written["threshold"] == 0.3
+    assert all(box["score"] > 0.3 for phrase in written["phrases"] for box in phrase["boxes"])

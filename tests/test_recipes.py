@@ -328,3 +328,29 @@ def test_two_runs_of_a_recipe_give_the_same_final_weights(tmp_path, tiny_model_c
     assert exports[0] == tmp_path / "a" / "tiny-vit.safetensors"
     first, second = (load_file(path) for path in exports)  # (the files' JSON headers may order keys differently)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+DETECTION_BAD = [  # (shipped recipe, key changed, value, what the message must say)
+    ("rpn_tiny_synthetic", "rpn.sizez", [32], "rpn.sizez: unknown key (did you mean `sizes`?)"),
+    ("rpn_tiny_synthetic", "rpn.nms_thresh", "high", "rpn.nms_thresh: must be a number"),
+    ("glip_a_tiny_synthetic", "data.grounding", [{"path": "x.jsonl", "allow_unboxd": True}],
+     "data.grounding[0].allow_unboxd: unknown key (did you mean `allow_unboxed`?)"),
+    ("glip_a_tiny_synthetic", "data.detection", [{"annotations": "x.json", "clases": ["star"]}],
+     "data.detection[0].clases: unknown key (did you mean `classes`?)"),
+    ("glip_a_tiny_synthetic", "data.detection", {"annotations": "x.json"}, "data.detection: must be a list"),
+]
+
+
+@pytest.mark.parametrize("recipe, key, value, message", DETECTION_BAD, ids=[f"{r}:{k}" for r, k, _, _ in DETECTION_BAD])
+def test_detection_recipes_are_checked_at_every_depth_before_any_work(recipe, key, value, message, tmp_path, no_work):
+    from ovdense.engine import glip_train, regionclip_train
+    values = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
+    path = _write(tmp_path / "bad.yaml", _changed(values, key, value))
+    kind = "glip" if recipe.startswith("glip") else "rpn"
+    cls = glip_train.GLIPRecipe if kind == "glip" else regionclip_train.RECIPES["rpn"][0]
+    with pytest.raises(InputError) as error:
+        load_recipe(cls, path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)
+    with pytest.raises(InputError):  # the command finds it before any data or model (no_work)
+        _cli(kind, "--config", path, "--output", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

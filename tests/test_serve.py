@@ -113,6 +113,10 @@ def test_detect_and_ground_endpoints_equal_the_api(predictor, scene, tiny_rn, tm
     assert grounded.json()["phrases"] == expected["phrases"] and "overlay_png" in grounded.json()
     assert client.post("/v1/ground", files=files, data={"caption": "a red square", "phrases": "green bar"}
                        ).status_code == 400
+    empty = client.post("/v1/ground", files=files, data={"caption": "a red square", "phrases": " ; ;"})
+    assert empty.status_code == 400 and "phrases is empty" in empty.json()["error"]
+    corrupt = client.post("/v1/ground", files={"image": ("x.png", b"GIF89a garbage")}, data={"caption": "a red square"})
+    assert corrupt.status_code == 400 and "BytesIO" not in corrupt.json()["error"]
     assert client.post("/v1/detect", files=files, data={"classes": "red", "threshold": "2"}).status_code == 400
     assert TestClient(create_app(predictor, DESCRIBED)).post("/v1/detect", files=files,
                                                              data={"classes": "red"}).status_code == 404
@@ -183,10 +187,11 @@ class _Slow:
 
     def __init__(self, predictor, seconds: float):
         self.predictor, self.seconds, self.batches, self.overrides = predictor, seconds, [], []
-        self.protocol = predictor.protocol
+        self.protocol, self.calls = predictor.protocol, 0
 
     def predict_batch(self, images, vocabularies, **overrides):
         import time
+        self.calls += 1
         time.sleep(self.seconds)
         self.batches.append([", ".join(v.names) for v in vocabularies])
         self.overrides.append(overrides)
@@ -196,19 +201,25 @@ class _Slow:
 def test_shutdown_lets_requests_in_flight_finish(predictor, scene):
     import threading
     import time
-    live = _Live(create_app(_Slow(predictor, 0.5), DESCRIBED, batch=1))  # one at a time: four take two seconds
+
+    from ovdense.serve import ModelWorker
+    slow = _Slow(predictor, 0.5)
+    worker = ModelWorker(slow, 1)  # one at a time: one request runs while three wait
+    live = _Live(create_app(slow, DESCRIBED, worker=worker))
     png, results = _png(scene), []
     clients = [threading.Thread(target=lambda: results.append(_post_segment(live.url, png).status_code))
                for _ in range(4)]
     for client in clients:
         client.start()
-    time.sleep(0.3)  # the requests are in, the first one running
-    started = time.perf_counter()
+    for _ in range(600):  # until all four are in: the first running, three queued (no duration is asserted)
+        if slow.calls >= 1 and len(worker.pending) == 3:
+            break
+        time.sleep(0.05)
+    assert slow.calls >= 1 and len(worker.pending) == 3
     live.stop()
-    assert time.perf_counter() - started > 1.0  # the shutdown waited for them
     for client in clients:
         client.join(timeout=60)
-    assert results == [200] * 4
+    assert results == [200] * 4 and len(slow.batches) == 4  # the shutdown waited for every one of them
 
 
 def test_requests_waiting_together_run_as_one_batch_with_their_own_answers(predictor, scene):

@@ -347,7 +347,7 @@ def cmd_detect(args) -> int:
 
     def detect(path: Path, stem: str) -> str:
         result = predictor(path, vocabulary).above(args.threshold)  # soft-NMS may decay scores under it
-        result.save(out_dir, stem, metadata={"image": str(path), **described})
+        result.save(out_dir, stem, metadata={"image": str(path), **described, "threshold": args.threshold})
         found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
         return f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png"
@@ -375,7 +375,7 @@ def cmd_ground(args) -> int:
     def ground(path: Path, stem: str) -> str:
         predictor.set_image(path)
         result = predictor.ground(args.caption, phrases, args.chunker).above(args.threshold)
-        result.save(out_dir, stem, metadata={"image": str(path), **described})
+        result.save(out_dir, stem, metadata={"image": str(path), **described, "threshold": args.threshold})
         found = "; ".join(f"{p['phrase']}: {len(p['boxes'])} box{'es' if len(p['boxes']) != 1 else ''}"
                           + (f" (best {p['boxes'][0]['score']:.2f})" if p["boxes"] else "")
                           for p in result.summary()["phrases"])
@@ -614,7 +614,7 @@ def cmd_eval_detection(args) -> int:
         raise UsageError(f"--preset {args.preset} is a segmentation preset; detection has {', '.join(DETECTION_PRESETS)}")
     for option in ("output", "results"):
         if getattr(args, option):
-            check_output_file(getattr(args, option))
+            check_output_file(getattr(args, option), f"--{option}")
     from .data.detection import DetectionDataset
     from .eval.detection import check_protocol, default_protocol, evaluate_detection
     dataset = DetectionDataset(args.annotations, args.images)

@@ -351,7 +351,10 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
         if detector is None or not hasattr(detector, "ground"):
             raise HTTPError(404, "this server has no grounding detector: start it with --detector glip")
         check_threshold(threshold)
-        wanted, data = None if phrases is None else split_phrases(phrases), await read(image)
+        wanted = None if phrases is None else split_phrases(phrases)
+        if wanted == []:
+            raise HTTPError(400, "phrases is empty: give phrases of the caption separated by ';', or leave it out")
+        data = await read(image)
         return await run(data, detector, detector_described, overlay, lambda rgb, finish: worker.call(
             lambda: finish(grounded(rgb, caption, wanted).above(threshold))))
 

@@ -100,6 +100,9 @@ def load_image(source, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return _open_to_rgb(path, str(path), max_pixels)
 
 
+_COMMON_FORMATS = {"png", "jpeg", "webp", "tiff", "bmp", "gif"}
+
+
 def _open_to_rgb(file, name: str, max_pixels: int) -> np.ndarray:
     """Open a path or binary file with PIL (refusing a decompression bomb from its header), then `_pil_to_rgb`."""
     try:
@@ -110,7 +113,9 @@ def _open_to_rgb(file, name: str, max_pixels: int) -> np.ndarray:
         raise ImageError(f"{name}: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, too many to decode safely "
                          f"(PIL: {error}); downscale it first") from error
     except UnidentifiedImageError as error:
-        raise ImageError(f"{name}: not an image PIL can read ({error})") from error
+        formats = ", ".join(sorted({f.lower() for f in Image.registered_extensions().values()} & _COMMON_FORMATS))
+        raise ImageError(f"{name}: not an image PIL can read (it reads {formats}, ...); the file is of another kind "
+                         "or damaged") from error
     except OSError as error:  # e.g. no read permission
         raise ImageError(f"{name}: cannot be read ({error.strerror or error})") from error
     with image:

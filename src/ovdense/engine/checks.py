@@ -50,6 +50,12 @@ def mapping(key: str, value: Any) -> Mapping:
     return value
 
 
+def sequence(key: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise InputError(f"{key}: must be a list, got {_shown(value)}")
+    return value
+
+
 def known_keys(values: Mapping, known: Iterable[str], what: str) -> None:
     """Every key of `values` is one of `known`; the first unknown one is an error suggesting the closest."""
     known = list(known)

@@ -135,6 +135,8 @@ def grounding_collate(tokenize):
 
 # --------------------------------------------------------------------------------------------------- recipe
 _DATA_KEYS = ("detection", "grounding", "synthesize", "short", "max_size", "negatives")
+_DETECTION_KEYS = ("annotations", "images", "classes")
+_GROUNDING_KEYS = ("path", "allow_unboxed")
 
 
 @dataclass
@@ -161,10 +163,20 @@ class GLIPRecipe(TrainSection):
             checks.known_keys(data, _DATA_KEYS, "a GLIP data section")
             if not data.get("detection") and not data.get("grounding"):
                 raise InputError("give detection (COCO JSONs) or grounding (JSONL files) sources, or both")
-            for source in data.get("detection") or []:
-                checks.text("detection[].annotations", checks.mapping("detection[]", source).get("annotations"))
-            for source in data.get("grounding") or []:
-                checks.text("grounding[].path", checks.mapping("grounding[]", source).get("path"))
+            for i, source in enumerate(checks.sequence("detection", data.get("detection") or [])):
+                checks.mapping(f"detection[{i}]", source)
+                with within(f"detection[{i}]."):
+                    checks.known_keys(source, _DETECTION_KEYS, "a COCO source")
+                    checks.text("annotations", source.get("annotations"))
+                    classes = source.get("classes", "base")
+                    if not isinstance(classes, (list, str)):
+                        raise InputError(f"classes: a list of category names, 'base' or 'all', got {classes!r}")
+            for i, source in enumerate(checks.sequence("grounding", data.get("grounding") or [])):
+                checks.mapping(f"grounding[{i}]", source)
+                with within(f"grounding[{i}]."):
+                    checks.known_keys(source, _GROUNDING_KEYS, "a grounding JSONL source")
+                    checks.text("path", source.get("path"))
+                    checks.boolean("allow_unboxed", source.get("allow_unboxed", False))
             short = data.get("short", 800)
             for size in short if isinstance(short, list) and short else [short]:
                 checks.integer("short", size, minimum=16)

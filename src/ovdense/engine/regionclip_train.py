@@ -18,6 +18,7 @@ from ..data.captions import pair_pixels, read_sources
 from ..data.detection import DetectionDataset
 from ..data.images import load_image
 from ..detection.images import pad_batch, prepare_image
+from ..detection.rpn import ProposalNetwork
 from ..errors import InputError
 from ..io import atomic_path
 from ..methods.regionclip import RegionCLIPDetector, RegionCLIPPretrainer, RegionProposer
@@ -163,7 +164,7 @@ class RPNRecipe(TrainSection):
 
     def validate(self) -> None:
         check_clip(self.model, self.weights)
-        checks.mapping("rpn", self.rpn)
+        checks.arguments(self.rpn, ProposalNetwork.__init__, "rpn", exclude=("self", "in_channels"))
         _check_data(self.data, "boxes")
         self.train_config()
         check_export(self.export)

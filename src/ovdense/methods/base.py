@@ -111,7 +111,9 @@ def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; pass the method checkpoint file (.safetensors) itself")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train one with `ovdense train ...`")
+        raise CheckpointError(f"checkpoint {path} does not exist; make one with `ovdense train METHOD --config "
+                              "RECIPE` (recipes in configs/) or `ovdense convert METHOD FILE` from the authors' "
+                              "released files (`ovdense models` lists them)")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
