@@ -116,3 +116,28 @@ def test_ground_records_the_threshold_it_applied(scene_png, tmp_path, capsys):
     written = json.loads((tmp_path / "scene.json").read_text())
     assert written["threshold"] == 0.3
     assert all(box["score"] > 0.3 for phrase in written["phrases"] for box in phrase["boxes"])
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_missing_weights_fail_at_once_in_one_line(offline, tmp_path, monkeypatch, capsys):
+    import open_clip
+
+    from ovdense.backbones import loading
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(loading.huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:  # online, but the hub cannot be reached: one probe, then the error
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setattr(loading, "_host_reachable", lambda host, timeout=3.0: False)
+
+    def downloader(*args, **kwargs):
+        raise AssertionError("open_clip's downloader (and its retries) ran")
+    monkeypatch.setattr(open_clip, "create_model", downloader)
+    with pytest.raises(loading.WeightsNotFoundError) as error:
+        loading.load_clip("ViT-B-16", "openai")
+    assert "ViT-B-16/openai" in str(error.value) and "\n" not in str(error.value)
+    assert "ships with ovdense needs no download" in str(error.value)
+    code, captured = _run(["segment", "x.png", "--classes", "cat", "--weights", "openai", "--output",
+                           str(tmp_path / "out")], capsys)
+    assert code == 1 and len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: CLIP weights")

@@ -58,9 +58,10 @@ def _add_model_args(parser: argparse.ArgumentParser, methods=METHODS, presets=No
     group = parser.add_argument_group("model", MODEL_RULE)
     group.add_argument("--model", help="open_clip architecture (see `ovdense models`; default: the one --weights or a "
                                        f"--checkpoint implies, else {SHIPPED_MODEL})")
-    group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, 'synthetic' "
-                                         "(shipped) or 'random' (default: the --model's first tag, or those a "
-                                         "--checkpoint records)")
+    group.add_argument("--weights", help="CLIP weights: open_clip pretrained tag, a checkpoint file, a transformers "
+                                         "CLIP folder (config.json + model.safetensors; --model then optional), "
+                                         "'synthetic' (shipped) or 'random' (default: the --model's first tag, or "
+                                         "those a --checkpoint records)")
     group.add_argument("--method", choices=methods,
                        help=f"default: the one a --checkpoint records, else maskclip; trained methods "
                             f"({', '.join(TRAINED_METHODS)}) need --checkpoint")
@@ -148,9 +149,11 @@ def _complete_model_flags(args) -> None:
     import open_clip
 
     from . import demo
-    from .backbones.loading import PACKAGED_WEIGHTS
+    from .backbones.loading import HF_CLIP, PACKAGED_WEIGHTS, is_model_folder
     if getattr(args, "checkpoint", None):
         return
+    if args.model is None and args.weights is not None and is_model_folder(args.weights):
+        args.model = HF_CLIP  # a transformers CLIP folder: its config.json says the architecture
     if args.model is None:
         args.model = SHIPPED_MODEL if args.weights in (None, *(tag for _, tag in PACKAGED_WEIGHTS)) else REAL_MODEL
     if args.weights is None:

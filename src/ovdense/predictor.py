@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbones.loading import HF_CLIP, is_model_folder
 from .data.images import load_image
 from .catalog import TRAINED_METHODS
 from .device import resolve_device
@@ -307,7 +308,8 @@ def build_predictor(model: str | None = None, weights: str | None = None, method
     device: 'auto' (CUDA when present), 'cpu', 'cuda', ...
     """
     if method not in TRAINED_METHODS:
-        model, weights = model or "ViT-B-16", weights or "openai"
+        weights = weights or "openai"
+        model = model or (HF_CLIP if is_model_folder(weights) else "ViT-B-16")
     protocol = get_protocol(preset or recommended_preset(method, model, weights, checkpoint) or "default")
     segmenter = load_method(method, model, weights, mode or protocol.mode, checkpoint, str(resolve_device(device)))
     return SegmentationPredictor(segmenter, protocol, dataset=dataset, **predictor_kwargs)

@@ -6,10 +6,13 @@ import difflib
 import io
 import os
 import pickle
+import socket
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlparse
 
+import huggingface_hub
 import open_clip
 import torch
 
@@ -17,6 +20,7 @@ from ..errors import CheckpointError, UsageError
 from .clip import CLIPBackbone
 
 RANDOM_WEIGHTS = "random"
+HF_CLIP = "hf-clip"  # the architecture of a transformers CLIPModel folder given as the weights (hf_clip.py)
 _PACKAGE = Path(__file__).resolve().parent.parent
 open_clip.add_model_config(_PACKAGE / "model_configs")  # the ovdense-tiny-* architectures
 
@@ -47,8 +51,44 @@ _HOW_TO_GET_WEIGHTS = (
     "caches them (e.g. `python -c \"import open_clip; open_clip.create_model('ViT-B-16', pretrained='openai')\"`) "
     "and copy the Hugging Face cache (~/.cache/huggingface) here, or (b) download a checkpoint file "
     "(OpenAI .pt, open_clip .bin or .safetensors) and pass its path as the weights, "
-    "e.g. `--weights /path/to/ViT-B-16.pt`."
+    "e.g. `--weights /path/to/ViT-B-16.pt`. Offline, the CLIP that ships with ovdense needs no download "
+    "(leave out --model and --weights)."
 )
+_OFFLINE_VALUES = ("1", "on", "yes", "true")
+
+
+def _host_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to host:443 opens within `timeout` seconds (one try, no retries)."""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_tag_available(name: str, tag: str) -> None:
+    """Fail at once, before open_clip's downloader and its retries, when the weights of open_clip tag `tag` are not
+    in the local caches and cannot be downloaded (HF_HUB_OFFLINE set, or the host unreachable)."""
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+    config = open_clip.get_pretrained_cfg(name, tag)
+    repo, filename = os.path.split(config.get("hf_hub", ""))
+    if repo:
+        for candidate in ([filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]):
+            if isinstance(huggingface_hub.try_to_load_from_cache(repo, candidate), str):
+                return
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    else:
+        url = config.get("url", "")
+        if not url or (Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(url).path)).is_file():
+            return
+        host = urlparse(url).hostname
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _OFFLINE_VALUES:
+        why = "HF_HUB_OFFLINE is set"
+    elif not _host_reachable(host):
+        why = f"{host} cannot be reached from here"
+    else:
+        return
+    raise WeightsNotFoundError(f"CLIP weights {name}/{tag} are not in the local cache and {why}. {_HOW_TO_GET_WEIGHTS}")
 
 
 class WeightsNotFoundError(CheckpointError, FileNotFoundError):
@@ -177,16 +217,29 @@ def _unreadable(path: Path, name: str, error: Exception) -> CheckpointError:
     return CheckpointError(f"cannot load CLIP weights from {path}: {reason} ({detail})")
 
 
-def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp32", seed: int = 0) -> CLIPBackbone:
+def is_model_folder(weights: str) -> bool:
+    """Whether `weights` names a folder, which only a transformers CLIPModel folder may be (hf_clip.py): its
+    config.json gives the architecture, so --model may be left out (the CLI passes None). A bare word such as
+    'random' or 'openai' is a folder only if it holds a config.json: a same-named folder does not hide the tag."""
+    path = Path(weights).expanduser()
+    return path.is_dir() and (os.sep in weights or (path / "config.json").is_file())
+
+
+def load_clip(name: str | None, weights: str, device: str = "cpu", precision: str = "fp32", seed: int = 0
+              ) -> CLIPBackbone:
     """Load an open_clip architecture with weights, in eval mode.
 
-    name: an open_clip architecture ('ViT-B-16', 'RN50', ...) or 'hf-hub:org/repo' / 'local-dir:PATH'.
+    name: an open_clip architecture ('ViT-B-16', 'RN50', ...) or 'hf-hub:org/repo' / 'local-dir:PATH';
+        None or 'hf-clip' when `weights` is a transformers CLIP folder, whose config.json gives it.
     weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b88k'; downloaded or read from the
-        local cache), a local checkpoint file (.pt, .pth, .bin, .safetensors), or 'random' for a
-        seeded random initialisation (tests, pipeline checks); 'random:SEED' (a backbone's identity)
-        names the seed too.
+        local cache), a local checkpoint file (.pt, .pth, .bin, .safetensors), a transformers CLIPModel
+        folder (config.json, model.safetensors: see hf_clip.py), or 'random' for a seeded random
+        initialisation (tests, pipeline checks); 'random:SEED' (a backbone's identity) names the seed too.
     Raises WeightsNotFoundError, with instructions, when the weights are not available here.
     """
+    if name in (None, HF_CLIP) or is_model_folder(weights):
+        from .hf_clip import load_hf_clip  # imported here: hf_clip uses this module's helpers
+        return load_hf_clip(name, weights, device, precision)
     _check_model_name(name)
     if weights.startswith(f"{RANDOM_WEIGHTS}:") and weights.split(":", 1)[1].isdigit():
         weights, seed = RANDOM_WEIGHTS, int(weights.split(":", 1)[1])
@@ -195,7 +248,7 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
         try:
             model = open_clip.create_model(name, **kwargs)
         except Exception as error:  # hub errors come in many types
-            raise WeightsNotFoundError(f"could not load {name}: {error}\n{_HOW_TO_GET_WEIGHTS}") from error
+            raise WeightsNotFoundError(f"could not load {name}: {error}. {_HOW_TO_GET_WEIGHTS}") from error
     elif (name, weights) in PACKAGED_WEIGHTS:
         path, command = PACKAGED_WEIGHTS[(name, weights)][:2]
         if not path.is_file():
@@ -209,22 +262,21 @@ def load_clip(name: str, weights: str, device: str = "cpu", precision: str = "fp
             model = open_clip.create_model(name, pretrained=None, **kwargs)
     elif Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in weights:
         path = Path(weights).expanduser()
-        if path.is_dir():
-            raise CheckpointError(f"{path} is a folder; pass the checkpoint file itself")
         if not path.is_file():
-            raise WeightsNotFoundError(f"checkpoint file {path} does not exist.\n{_HOW_TO_GET_WEIGHTS}")
+            raise WeightsNotFoundError(f"checkpoint file {path} does not exist. {_HOW_TO_GET_WEIGHTS}")
         model = _from_file(name, path, device, precision)
     else:
         tags = open_clip.list_pretrained_tags_by_model(name) + [t for n, t in PACKAGED_WEIGHTS if n == name]
         if weights not in tags:
             raise ValueError(f"{weights!r} is neither a file nor a pretrained tag of {name}; "
                              f"known tags: {', '.join(tags) or 'none'}")
+        _check_tag_available(name, weights)
         try:
             model = open_clip.create_model(name, pretrained=weights, **kwargs)
-        except Exception as error:  # offline: huggingface_hub / urllib errors
+        except Exception as error:  # huggingface_hub / urllib errors
             raise WeightsNotFoundError(
                 f"weights {name}/{weights} are not in the local cache and could not be downloaded "
-                f"({type(error).__name__}).\n{_HOW_TO_GET_WEIGHTS}") from error
+                f"({type(error).__name__}). {_HOW_TO_GET_WEIGHTS}") from error
     tokenizer = open_clip.get_tokenizer(name)
     identity = f"{RANDOM_WEIGHTS}:{seed}" if weights == RANDOM_WEIGHTS else str(weights)
     return CLIPBackbone(model.eval(), tokenizer, name=name, weights=identity).eval()

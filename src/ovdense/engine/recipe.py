@@ -22,7 +22,7 @@ from typing import Callable
 import open_clip
 import yaml
 
-from ..backbones.loading import PACKAGED_WEIGHTS, RANDOM_WEIGHTS
+from ..backbones.loading import HF_CLIP, PACKAGED_WEIGHTS, RANDOM_WEIGHTS, is_model_folder
 from ..data import DATASETS, SegmentationDataset
 from ..data.export import export_world
 from ..data.synthetic import SyntheticWorld
@@ -107,7 +107,7 @@ def validated(recipe) -> None:
 # ------------------------------------------------------------------------------------------------- CLIP
 def check_model_name(model) -> str:
     checks.text("model", model)
-    if not model.startswith(("hf-hub:", "local-dir:")) and model not in open_clip.list_models():
+    if not model.startswith(("hf-hub:", "local-dir:")) and model not in (*open_clip.list_models(), HF_CLIP):
         raise InputError(f"model: unknown CLIP architecture {model!r}{checks.suggest(model, open_clip.list_models())}; "
                          "`ovdense models` lists them")
     return model
@@ -116,8 +116,10 @@ def check_model_name(model) -> str:
 def check_clip(model, weights) -> None:
     """`model` names an open_clip architecture and `weights` a source of its weights that could be there: a
     packaged file (present), 'random[:SEED]', an existing file, or a pretrained tag of that architecture."""
-    check_model_name(model)
     checks.text("weights", weights)
+    if is_model_folder(weights):  # a transformers CLIP folder: its config.json says the architecture
+        return
+    check_model_name(model)
     if model.startswith(("hf-hub:", "local-dir:")):
         return
     if (model, weights) in PACKAGED_WEIGHTS:
