@@ -153,3 +153,14 @@ def test_shipped_checkpoint_loads_and_beats_chance_on_crops():
     chance = scores["chance_acc"]
     assert scores["zs_base_acc"] > 4 * chance and scores["zs_novel_acc"] > 4 * chance  # 47.8 / 47.4 measured
     assert scores["zs_colour_acc"] > 95
+
+
+def test_world_words_are_exactly_the_words_of_the_captions():
+    import re
+
+    from ovdense.data.synthetic import world_words
+    world = SyntheticWorld()
+    seen = {word for i in range(300) for caption in world.scene(i).captions
+            for word in re.findall(r"[a-z]+", caption.text.lower())}
+    assert seen <= world_words()
+    assert world_words() - seen <= {"an"}  # "an" only before a word starting with a vowel

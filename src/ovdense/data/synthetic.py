@@ -30,6 +30,9 @@ SIZES = {"small": (0.28, 0.34), "medium": (0.36, 0.42), "large": (0.44, 0.52)}  
 STUFF_COLOURS = {"sky": (120, 175, 235), "grass": (70, 150, 50), "water": (40, 110, 170), "sand": (215, 190, 130),
                  "snow": (235, 240, 250), "brick wall": (165, 70, 50), "wooden floor": (150, 100, 55),
                  "asphalt": (85, 85, 90)}  # the mean colour of each texture
+# The words of the captions besides the names above (relations, articles, "a photo of"): with them, every word a
+# CLIP trained on this world has read (its close-ups add "a photo of a red star.")
+CAPTION_WORDS = ("a", "an", "on", "with", "and", "photo", "of", "to", "the", "left", "right", "above", "below")
 MIN_CONTRAST = 60  # RGB distance between a thing's paint and the stuff it lies on (no white star on snow)
 MAX_HIDDEN = 0.25  # a thing painted later hides at most this fraction of what is still visible of an earlier one
 VERSION = 2
@@ -180,6 +183,12 @@ def _shape_area(category: str, radius: float) -> float:
 def _box(mask: np.ndarray) -> list[int]:
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def world_words() -> frozenset[str]:
+    """Every word the world's captions use, lower-case: all a CLIP trained on them can know."""
+    names = STUFF + THINGS + tuple(COLOURS) + tuple(SIZES) + CAPTION_WORDS
+    return frozenset(word for name in names for word in name.split())
 
 
 class _CaptionBuilder:
