@@ -141,3 +141,12 @@ def test_missing_weights_fail_at_once_in_one_line(offline, tmp_path, monkeypatch
     code, captured = _run(["segment", "x.png", "--classes", "cat", "--weights", "openai", "--output",
                            str(tmp_path / "out")], capsys)
     assert code == 1 and len(captured.err.strip().splitlines()) == 1 and captured.err.startswith("error: CLIP weights")
+
+
+def test_names_the_shipped_clip_never_read_get_a_warning(scene_png, tmp_path, capsys):
+    code, captured = _run(["segment", str(scene_png), "--classes", "cat, sky, brick wall, red star", "--output",
+                           str(tmp_path)], capsys)
+    assert code == 0
+    warnings = [line for line in captured.err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "'cat'" in warnings[0] and "--weights openai" in warnings[0]
+    assert "sky" not in warnings[0] and "brick wall" not in warnings[0] and "red star" not in warnings[0]

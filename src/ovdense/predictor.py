@@ -1,6 +1,9 @@
 """The user-facing segmentation predictor: embed an image once, then ask any vocabulary."""
 from __future__ import annotations
 
+import logging
+import re
+
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -9,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones.loading import HF_CLIP, is_model_folder
+from .backbones.loading import HF_CLIP, PACKAGED_WEIGHTS, is_model_folder
 from .data.images import load_image
+from .data.synthetic import world_words
 from .catalog import TRAINED_METHODS
 from .device import resolve_device
 from .methods import load_method, recommended_preset
@@ -19,6 +23,8 @@ from .ops import (PAMR, crop_padding, crop_windows, merge_windows, resize_image,
                   upsampled_rows)
 from .presets import Protocol, get_protocol
 from .text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary, resolve_templates
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,6 +144,7 @@ class SegmentationPredictor:
         self.max_pixels = max_pixels
         self.autocast = autocast  # encode crops in this lower precision (torch.float16 / torch.bfloat16)
         self._image = None
+        self._warned: set[str] = set()  # names already warned about
 
     @property
     def backbone(self):
@@ -206,6 +213,18 @@ class SegmentationPredictor:
         return [{**image, "embedded": {key: torch.stack([row[key] for row in image_rows]) for key in image_rows[0]}}
                 for image, image_rows in zip(images, rows)]
 
+    def _warn_unknown_words(self, queries: list[str]) -> None:
+        """The shipped CLIPs read only the synthetic world's captions: a name with other words gets a warning (once)."""
+        if (self.backbone.name, self.backbone.weights) not in PACKAGED_WEIGHTS:
+            return
+        known = world_words()
+        unknown = [q for q in queries if q not in self._warned and not set(re.findall(r"[a-z]+", q.lower())) <= known]
+        if unknown:
+            self._warned.update(unknown)
+            logger.warning(f"{', '.join(repr(q) for q in unknown[:5])}: words {self.backbone.name} never read (it "
+                           "knows only the synthetic world's captions); for real images use real CLIP weights, e.g. "
+                           "--model ViT-B-16 --weights openai")
+
     @torch.no_grad()
     def predict(self, vocabulary: Vocabulary | str | list[str], **overrides) -> SegmentationResult:
         """Segment the current image with `vocabulary` ('cat, dog; puppy, grass', a list or a Vocabulary).
@@ -217,6 +236,7 @@ class SegmentationPredictor:
             raise RuntimeError("call set_image(image) before predict(vocabulary)")
         protocol = self.protocol.updated(**overrides)
         vocab = Vocabulary.coerce(vocabulary)
+        self._warn_unknown_words(vocab.queries)
         if protocol.background_threshold is not None:
             vocab = vocab.with_virtual_background() if protocol.virtual_background else vocab.with_background()
         if not vocab.queries:
