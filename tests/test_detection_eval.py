@@ -79,10 +79,14 @@ def test_default_evaluator_agrees_with_pycocotools(tmp_path):
     results_file.write_text(json.dumps(results))
     ours = score_detections(gt, results_file, "coco")
     reference = _pycocotools(gt, results)
-    assert 0 < ours["AP"] < 100 and 0 < ours["AP50"] < 100
+    assert 0 < ours["AP"] < 100 and 0 < ours["AP50"] < 100 and 0 < ours["AR"] < 100
     for k, name in enumerate(("AP", "AP50", "AP75", "APs", "APm")):  # no large boxes: APl is NaN / -1
         assert ours[name] == pytest.approx(reference[k], abs=1e-6), name
     assert np.isnan(ours["APl"]) and reference[5] == -100
+    assert ours["AR"] == pytest.approx(reference[8], abs=1e-6)  # AR@100, as detectron2's "AR"
+    for category_id, name in ((1, "cat"), (2, "dog"), (3, "person")):  # detectron2's 'AP-<name>'
+        assert ours[f"AP-{name}"] == pytest.approx(_pycocotools(gt, results, [category_id])[0], abs=1e-6)
+    assert list(ours) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "AP-cat", "AP-dog", "AP-person"]
     assert score_detections(gt, results, "coco", evaluator="pycocotools") == pytest.approx(ours, abs=1e-6, nan_ok=True)
 
 
@@ -95,12 +99,15 @@ def test_ov_coco_split_is_the_mean_of_per_class_ap50(tmp_path):
     assert ours["AP50_base"] == pytest.approx(per_class[1], abs=1e-6)
     assert ours["AP50_novel"] == pytest.approx((per_class[2] + per_class[3]) / 2, abs=1e-6)
     assert ours["AP50"] == pytest.approx(sum(per_class.values()) / 3, abs=1e-6)
+    assert [ours[f"AP50-{n}"] for n in ("cat", "dog", "person")] == pytest.approx(list(per_class.values()), abs=1e-6)
     # perfect cats and dogs, no person detected: base 100, novel (100 + 0) / 2
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in annotations if a["category_id"] != 3 and not a.get("iscrowd")]
     assert score_detections(gt, perfect, "ov-coco") == pytest.approx(
-        {"AP50": 200 / 3, "AP50_base": 100.0, "AP50_novel": 50.0})
-    assert score_detections(gt, [], "ov-coco") == {"AP50": 0.0, "AP50_base": 0.0, "AP50_novel": 0.0}
+        {"AP50": 200 / 3, "AP50_base": 100.0, "AP50_novel": 50.0, "AP50-cat": 100.0, "AP50-dog": 100.0,
+         "AP50-person": 0.0})
+    assert score_detections(gt, [], "ov-coco") == {"AP50": 0.0, "AP50_base": 0.0, "AP50_novel": 0.0,
+                                                   "AP50-cat": 0.0, "AP50-dog": 0.0, "AP50-person": 0.0}
 
 
 def _lvis_gt(tmp_path):
@@ -132,13 +139,45 @@ def test_lvis_federated_rules(tmp_path):
     def with_false_positive(category_id):
         return perfect + [{"image_id": 1, "category_id": category_id, "bbox": [0, 0, 5, 5], "score": 0.99}]
 
-    all_100 = {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APr": 100.0, "APc": 100.0, "APf": 100.0}
-    assert score_detections(dataset, perfect, "lvis") == all_100
-    assert score_detections(dataset, with_false_positive(4), "lvis") == all_100  # neither positive nor negative
-    assert score_detections(dataset, with_false_positive(3), "lvis") == all_100  # not exhaustive: ignored
+    def summary(metrics):  # every box is small (< 32 x 32): APm, APl have no ground truth
+        assert np.isnan(metrics.pop("APm")) and np.isnan(metrics.pop("APl"))
+        return metrics
+
+    all_100 = dict.fromkeys(("AP", "AP50", "AP75", "APs", "APr", "APc", "APf", "AR", "AP-baseball bat",
+                             "AP-bow (weapon)", "AP-cat", "AP-dog"), 100.0)
+    assert summary(score_detections(dataset, perfect, "lvis")) == all_100
+    assert summary(score_detections(dataset, with_false_positive(4), "lvis")) == all_100  # neither pos. nor neg.
+    assert summary(score_detections(dataset, with_false_positive(3), "lvis")) == all_100  # not exhaustive: ignored
     negative = score_detections(dataset, with_false_positive(2), "lvis")  # in neg_category_ids: counts
     assert negative["APc"] == pytest.approx(50.0) and negative["AP"] == pytest.approx(87.5)
     assert score_detections(dataset, with_false_positive(1), "lvis")["APr"] == pytest.approx(50.0)
+
+
+def test_lvis_summary_equals_faster_coco_evals_own(tmp_path):
+    """APs / APm / APl and AR (AR@300) on LVIS: the numbers faster-coco-eval's own LVIS summary prints."""
+    import faster_coco_eval
+    images = [{"id": i, "coco_url": f"http://x/val2017/{i:012d}.jpg", "width": 200, "height": 200,
+               "neg_category_ids": [3], "not_exhaustive_category_ids": []} for i in (1, 2, 3)]
+    sizes = (20, 50, 120)  # small, medium, large
+    annotations = [{"image_id": i, "category_id": 1 + (i + k) % 2, "bbox": [5 + 30 * k, 10, size, size]}
+                   for i in (1, 2, 3) for k, size in enumerate(sizes)]
+    categories = [{"id": c, "name": f"thing_{c}", "frequency": f} for c, f in ((1, "r"), (2, "c"), (3, "f"))]
+    gt = _write(tmp_path, images, annotations, categories, "lvis_v1_val.json")
+    results = [r for r in _jittered_results(json.loads(gt.read_text())["annotations"], seed=2) if r["image_id"] <= 3]
+    ours = score_detections(gt, results, "lvis")
+    with redirect_stdout(io.StringIO()):
+        reference = faster_coco_eval.COCO(str(gt))
+        coco_eval = faster_coco_eval.COCOeval_faster(reference, reference.loadRes([dict(r) for r in results]), "bbox",
+                                                     lvis_style=True, print_function=lambda *args: None)
+        coco_eval.params.maxDets = [300]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = coco_eval.stats_as_dict
+    names = {"AP": "AP_all", "AP50": "AP_50", "AP75": "AP_75", "APs": "AP_small", "APm": "AP_medium",
+             "APl": "AP_large", "APr": "APr", "APc": "APc", "AR": "AR_all"}
+    assert 0 < ours["AR"] < 100 and 0 < ours["APl"] < 100
+    assert {k: ours[k] for k in names} == pytest.approx({k: 100 * stats[v] for k, v in names.items()}, abs=1e-6)
 
 
 def test_lvis_300_per_image_and_fixed_ap(tmp_path):

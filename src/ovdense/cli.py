@@ -619,7 +619,7 @@ def cmd_eval_detection(args) -> int:
         if getattr(args, option):
             check_output_file(getattr(args, option), f"--{option}")
     from .data.detection import DetectionDataset
-    from .eval.detection import check_protocol, default_protocol, evaluate_detection
+    from .eval.detection import check_protocol, default_protocol, evaluate_detection, format_detection_metrics
     dataset = DetectionDataset(args.annotations, args.images)
     protocol = args.protocol or default_protocol(dataset)
     check_protocol(dataset, protocol, args.fixed_ap)
@@ -630,7 +630,7 @@ def cmd_eval_detection(args) -> int:
                                  fixed_ap=args.fixed_ap, results_path=args.results)
     if not _reporting_rank():
         return 0
-    print("  ".join(f"{k} {v:.1f}" for k, v in metrics.items() if isinstance(v, float)))
+    print(format_detection_metrics(metrics, protocol))
     if args.output:
         report = {"annotations": str(args.annotations), "images": min(len(dataset), args.limit or len(dataset)),
                   **described, "metrics_protocol": protocol, "fixed_ap": args.fixed_ap, "metrics": metrics}
@@ -658,12 +658,13 @@ def cmd_eval_grounding(args) -> int:
         raise UsageError(f"--grounding evaluates phrase grounding: --method glip, not {args.method}")
     if args.output:
         check_output_file(args.output)
-    from .eval.grounding import evaluate_grounding
+    from .eval.grounding import evaluate_grounding, format_grounding_metrics, read_grounding
+    read_grounding(args.grounding, check_images=True)  # a broken file or a missing image: an error before the model
     predictor, described = _build_detection_predictor(args)
     metrics = evaluate_grounding(predictor, args.grounding, limit=args.limit, progress=not args.quiet)
     if not _reporting_rank():
         return 0
-    print("  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    print(format_grounding_metrics(metrics))
     if args.output:
         report = {"grounding": str(args.grounding), **described, "metrics": metrics}
         write_text_atomic(args.output, json.dumps(report, indent=2))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..backbones import load_clip
-from ..data.detection import DetectionDataset
+from ..data.detection import DetectionDataset, box_problem
 from ..data.grounding import phrase_record, read_records, record_prompt, relative_image
 from ..data.images import load_image
 from ..detection.grounding import positive_map, training_prompt
@@ -71,8 +71,8 @@ def detection_items(dataset: DetectionDataset, classes: list[str]) -> list[Groun
     items = []
     for index in range(len(dataset)):
         path, image_id = dataset[index]
-        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
-                       if names.get(a["category_id"]) in wanted]
+        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))  # LVIS has no iscrowd
+                       if names.get(a["category_id"]) in wanted and not a.get("iscrowd", 0)]
         items.append(GroundingItem(path, None, [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
                                                  a["bbox"][1] + a["bbox"][3]] for a in annotations],
                                    classes=[names[a["category_id"]] for a in annotations]))
@@ -274,12 +274,18 @@ def pseudo_label(predictor, path: str | Path, out: str | Path, threshold: float 
         if not len(result):
             continue
         found = [phrase_record(text, spans, [], scores=[]) for text, spans in zip(prompt.phrases, prompt.spans)]
+        kept = 0
         for box, score, label in zip(result.boxes.tolist(), result.scores.tolist(), result.labels.tolist()):
-            found[label]["boxes"].append([round(v, 2) for v in box])
-            found[label]["scores"].append(round(score, 4))
+            box = [round(v, 2) for v in box]
+            if box_problem(box, "xyxy") is None:  # a sliver that rounds to nothing is no box to learn from
+                found[label]["boxes"].append(box)
+                found[label]["scores"].append(round(score, 4))
+                kept += 1
+        if not kept:
+            continue
         lines.append(json.dumps({"image": relative_image(record["image"], out), "caption": prompt.caption,
                                  "phrases": found}))
         counts["kept"] += 1
-        counts["boxes"] += len(result)
+        counts["boxes"] += kept
     write_text_atomic(out, "".join(line + "\n" for line in lines))
     return counts

@@ -54,8 +54,8 @@ class BoxTrainingSet(torch.utils.data.Dataset):
         path, image_id = self.dataset[index]
         rgb = load_image(path)
         coco = self.dataset.coco
-        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
-                       if a["category_id"] in self.index_of]
+        annotations = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=image_id))  # LVIS has no iscrowd
+                       if a["category_id"] in self.index_of and not a.get("iscrowd", 0)]
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in annotations], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([self.index_of[a["category_id"]] for a in annotations], dtype=torch.long)

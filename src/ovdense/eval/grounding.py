@@ -23,22 +23,28 @@ from tqdm import tqdm
 from ..data.grounding import read_records, record_prompt
 from ..distributed import init_distributed
 from ..errors import InputError
+from .detection import pipe_table
 
 KS = (1, 5, 10)
 IOU = 0.5
 
 
-def read_grounding(path: str | Path) -> tuple[list[dict], dict[str, str]]:
-    """The records of a grounding JSONL file (phrase spans checked against their captions) and, when a synthetic
-    world.json lies beside it, each thing or stuff name's group ('base', 'novel', 'stuff')."""
+def read_grounding(path: str | Path, check_images: bool = False) -> tuple[list[dict], dict[str, str]]:
+    """The records of a grounding JSONL file (checked by `ovdense.data.grounding.read_records`; check_images: each
+    image file must exist) and, when a synthetic world.json lies beside it, each thing or stuff name's group ('base',
+    'novel', 'stuff'). InputError naming the file, and the line, for anything unusable."""
     path = Path(path)
-    records = read_records(path)
+    records = read_records(path, check_images=check_images)
     groups = {}
     world = path.parent / "world.json"
     if world.is_file():
-        info = json.loads(world.read_text(encoding="utf-8"))
-        groups = {**{n: "stuff" for n in info["stuff"]}, **{n: "base" for n in info["base"]},
-                  **{n: "novel" for n in info["novel"]}}
+        try:
+            info = json.loads(world.read_text(encoding="utf-8"))
+            groups = {**{n: "stuff" for n in info["stuff"]}, **{n: "base" for n in info["base"]},
+                      **{n: "novel" for n in info["novel"]}}
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{world}: not the synthetic world's description, whose 'stuff', 'base' and 'novel' "
+                             f"list the names of each group ({error!r})") from error
     return records, groups
 
 
@@ -91,3 +97,14 @@ def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, pr
             metrics[name + suffix] = 100.0 * sum(h[i] for h in hits) / len(hits)
         metrics["phrases" + suffix] = len(hits)
     return metrics
+
+
+def format_grounding_metrics(metrics: dict) -> str:
+    """The metrics of `evaluate_grounding` as a table (see `ovdense.eval.detection.pipe_table`): a row for all
+    phrases, then one per group present; columns the group, its phrase count, R@1, R@5, R@10 and R@any."""
+    names = [f"R@{k}" for k in KS] + ["R@any"]
+    rows = []
+    for group in [""] + sorted(key[len("phrases_"):] for key in metrics if key.startswith("phrases_")):
+        suffix = f"_{group}" if group else ""
+        rows.append([group or "all", metrics["phrases" + suffix], *(metrics[name + suffix] for name in names)])
+    return "Phrase grounding recall (%):\n" + pipe_table(["group", "phrases", *names], rows, "left")
