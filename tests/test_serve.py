@@ -51,6 +51,7 @@ def test_segment_returns_the_apis_json_and_an_overlay(predictor, scene):
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     expected_overlay = predictor(scene, "red, blue").plot()  # the picture `ovdense segment` writes (with its legend)
     assert overlay.size == expected_overlay.size and np.array_equal(np.asarray(overlay), np.asarray(expected_overlay))
+    assert body["overlay_scale"] == 4 and overlay.size[1] >= 4 * 96  # the 96 px scene is drawn 4x
     assert "overlay_png" not in client.post("/v1/segment", files={"image": ("s.png", _png(scene))},
                                             data={"classes": "red"}).json()
 

@@ -349,9 +349,10 @@ def cmd_detect(args) -> int:
         args, score_threshold=args.threshold if args.method == "regionclip" else None)
 
     def detect(path: Path, stem: str) -> str:
+        from .visualize import score_text
         result = predictor(path, vocabulary).above(args.threshold)  # soft-NMS may decay scores under it
         result.save(out_dir, stem, metadata={"image": str(path), **described, "threshold": args.threshold})
-        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in result.to_list()[:8])
+        found = ", ".join(f"{d['label']} {score_text(d['score'])}" for d in result.to_list()[:8])
         more = f" (+{len(result) - 8} more)" if len(result) > 8 else ""
         return f"{path}: {len(result)} boxes{': ' + found if found else ''}{more} -> {out_dir / stem}_boxes.png"
     return _each_image(paths, failed, out_dir, "detect", args.quiet, detect)
@@ -376,11 +377,12 @@ def cmd_ground(args) -> int:
     predictor, described = _build_detection_predictor(args)  # GLIP's own pre-NMS threshold; --threshold after
 
     def ground(path: Path, stem: str) -> str:
+        from .visualize import score_text
         predictor.set_image(path)
         result = predictor.ground(args.caption, phrases, args.chunker).above(args.threshold)
         result.save(out_dir, stem, metadata={"image": str(path), **described, "threshold": args.threshold})
         found = "; ".join(f"{p['phrase']}: {len(p['boxes'])} box{'es' if len(p['boxes']) != 1 else ''}"
-                          + (f" (best {p['boxes'][0]['score']:.2f})" if p["boxes"] else "")
+                          + (f" (best {score_text(p['boxes'][0]['score'])})" if p["boxes"] else "")
                           for p in result.summary()["phrases"])
         return f"{path}: {found} -> {out_dir / stem}_boxes.png"
     return _each_image(paths, failed, out_dir, "ground", args.quiet, ground)
@@ -549,6 +551,7 @@ def _demo_grounding(args, world, out_dir: Path) -> None:
     against its exact box."""
     from . import demo
     from .methods import PACKAGED_DETECTORS
+    from .visualize import score_text
     if not PACKAGED_DETECTORS[("glip", "synthetic")][0].is_file():
         return
     grounding_args = argparse.Namespace(**{**vars(args), "method": "glip", "checkpoint": None, "weights": "synthetic",
@@ -559,7 +562,8 @@ def _demo_grounding(args, world, out_dir: Path) -> None:
           f"{check['caption']!r}; each phrase, and its best box against its exact box:")
     for phrase in check["phrases"]:
         found = phrase["found"]
-        shown = (f"score {found['score']:.2f}, IoU {found['iou']:.2f}  {'right' if found['correct'] else 'WRONG'}"
+        shown = (f"score {score_text(found['score'])}, IoU {found['iou']:.2f}  "
+                 f"{'right' if found['correct'] else 'WRONG'}"
                  if found else "no box  MISSED")
         novel = " (novel)" if phrase["category"] in world.novel else ""
         print(f"  {phrase['phrase']:<22}{novel:<9}-> {shown}")
@@ -573,6 +577,7 @@ def _demo_detection(args, world, out_dir: Path) -> None:
     from . import demo
     from .methods import PACKAGED_DETECTORS
     from .text import Vocabulary
+    from .visualize import score_text
     if not PACKAGED_DETECTORS[("regionclip", "synthetic")][0].is_file():
         return
     # a picture for people: hard class-wise NMS instead of the evaluation's soft-NMS
@@ -586,7 +591,7 @@ def _demo_detection(args, world, out_dir: Path) -> None:
           "with IoU >= 0.5 against its exact box:")
     for thing in check["things"]:
         found = thing["detection"]
-        shown = (f"{found['label']:<12} score {found['score']:.2f}, IoU {found['iou']:.2f}  "
+        shown = (f"{found['label']:<12} score {score_text(found['score'])}, IoU {found['iou']:.2f}  "
                  f"{'right' if found['correct'] else 'WRONG'}") if found else "no box            MISSED"
         novel = " (novel)" if thing["category"] in world.novel else ""
         print(f"  {thing['name']:<18}{novel:<9}-> {shown}")

@@ -31,7 +31,7 @@ from .data.images import load_image
 from .detection.grounding import split_phrases
 from .errors import InputError, UsageError
 from .text import Vocabulary, resolve_templates
-from .visualize import class_colours
+from .visualize import class_colours, display_scale
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -285,6 +285,7 @@ def create_app(predictor, described: dict, api_key: str | None = None, max_uploa
             buffer = io.BytesIO()
             result.plot().save(buffer, format="PNG")
             out["overlay_png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+            out["overlay_scale"] = display_scale(out["height"], out["width"])  # picture pixels per image pixel
         return out
 
     def grounded(rgb, caption: str, phrases: list[str] | None):

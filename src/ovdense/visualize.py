@@ -1,20 +1,31 @@
-"""Pictures of predictions: colour overlays with outlines, names on the regions and a legend; palette label PNGs.
+"""Pictures of predictions: colour overlays with outlines, names on the regions and a legend; palette label PNGs;
+box drawings with captions that do not cover each other.
 
 Colours come from one categorical palette (`palette`) shared by `overlay` and `label_image`, so a
-label PNG and its overlay agree. Works with Pillow >= 10.0; fonts scale with the image from
-Pillow 10.1 on (10.0 has only the fixed-size bitmap font).
+label PNG and its overlay agree. Small images are drawn upscaled (`display_scale`: nearest neighbour, an integer
+factor) and all text is drawn at the final size, so it stays legible and crisp. Scores are written as the JSON
+writes them (`round_score`) and shown from that value (`score_text`). Works with Pillow >= 10.0; fonts scale with
+the image from Pillow 10.1 on (10.0 has only the fixed-size bitmap font).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import UsageError
+
 BACKGROUND_NAMES = frozenset({"background"})
 BACKGROUND_COLOUR = (64, 64, 64)  # a dark grey: the background is dimmed, not coloured like a class
 OUTLINE_COLOUR = (255, 255, 255)
+
+SCORE_DECIMALS = 4  # a score's precision in the JSON results
+DISPLAY_SHORT_SIDE = 384  # pictures whose short side is under this are drawn upscaled ...
+DISPLAY_MAX_SIDE = 2048  # ... without their long side passing this
+DRAW_NMS_IOU = 0.5  # box drawings: class-wise hard NMS at this IoU (soft-NMS keeps decayed duplicates)
 
 _LIGHTNESS = (30.0, 85.0)  # CIELAB L* range of palette colours: nothing near black or near white
 _GRID = 8  # sRGB candidate grid step of the palette search
@@ -149,6 +160,38 @@ def _uint8(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
+def round_score(score) -> float:
+    """A score as the JSON results write it: rounded to SCORE_DECIMALS decimals."""
+    return round(float(score), SCORE_DECIMALS)
+
+
+def score_text(score) -> str:
+    """A score as pictures, the page and the console show it: the JSON's value (`round_score`) to 2 decimals,
+    halves rounded up as a reader of the JSON would (0.535 -> '0.54', 0.565 -> '0.57'), not from the float again."""
+    return str(Decimal(repr(round_score(score))).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def display_scale(height: int, width: int) -> int:
+    """The integer factor a (height, width) picture is drawn at: the smallest that brings its short side to
+    DISPLAY_SHORT_SIDE, at most what keeps its long side within DISPLAY_MAX_SIDE; 1 for pictures large enough."""
+    short, long = max(1, min(height, width)), max(1, height, width)
+    return max(1, min(-(-DISPLAY_SHORT_SIDE // short), DISPLAY_MAX_SIDE // long))
+
+
+def _checked_scale(scale: int | None, shape: tuple[int, int]) -> int:
+    """The drawing factor: `scale`, or `display_scale` of `shape` when None; a UsageError unless a positive int."""
+    if scale is None:
+        return display_scale(*shape)
+    if isinstance(scale, bool) or not isinstance(scale, (int, np.integer)) or scale < 1:
+        raise UsageError(f"scale must be a positive integer (the drawing's magnification), got {scale!r}")
+    return int(scale)
+
+
+def _upscale(array: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, ...) -> (H * factor, W * factor, ...): each pixel repeated (nearest neighbour)."""
+    return array if factor == 1 else array.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def _share_text(count: int, total: int) -> str:
     """'12.3%'; a class too small to show at 0.1% precision reads '<0.1%', one just short of all '>99.9%'."""
     text = f"{100.0 * count / total:.1f}"
@@ -231,27 +274,33 @@ def _name_regions(draw: ImageDraw.ImageDraw, labels: np.ndarray, present: np.nda
 
 def overlay(image, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.55,
             note: str | None = None, *, outline: int | None = None, outline_colour=OUTLINE_COLOUR,
-            names: bool = True, legend: bool = True, font_size: int | None = None) -> Image.Image:
+            names: bool = True, legend: bool = True, font_size: int | None = None,
+            scale: int | None = None) -> Image.Image:
     """(H, W, 3) uint8 image + (H, W) labels -> the blended picture, with a legend of the classes present.
 
     image: an array ((H, W[, C]), uint8 or floats in [0, 1]) or PIL image, resized to the labels if
         need be; None draws the class colours alone.
     alpha: weight of the class colour over the image.
-    outline: width in px (0: none; None: 1, or 2 when the short side is >= 600 px) of the lines drawn
-        in `outline_colour` on the boundaries between label regions.
+    outline: width in px (0: none; None: 1, or 2 when the drawn short side is >= 600 px) of the lines
+        drawn in `outline_colour` on the boundaries between label regions.
     names: write each class's name on its region (where the text fits).
     legend: a legend to the right: the classes present, by decreasing area, with their share
         ('<0.1%' for one too small to show at that precision).
-    font_size: text height in px; by default it scales with the image (>= Pillow 10.1).
+    font_size: text height in px; by default it scales with the drawn picture (>= Pillow 10.1).
+    scale: the picture is drawn (H * scale, W * scale), pixels repeated; None: `display_scale` (small
+        images come out upscaled). Outlines, names and legend are drawn at that size, never scaled.
     Labels outside [0, len(class_names)) are left untinted and out of the legend.
     """
     labels = np.asarray(labels)
+    rgb = _as_rgb(image, labels.shape)
+    factor = _checked_scale(scale, labels.shape)
+    labels = _upscale(labels, factor)
+    rgb = None if rgb is None else _upscale(rgb, factor)
     height, width = labels.shape
     count = len(class_names)
     colours = class_colours(list(class_names))
     valid = (labels >= 0) & (labels < count)
     safe = np.where(valid, labels, 0) if count else np.zeros_like(labels)
-    rgb = _as_rgb(image, labels.shape)
     if rgb is None:
         rgb, alpha = np.zeros((height, width, 3), dtype=np.uint8), 1.0
     tint = colours[safe].astype(np.float32) if count else np.zeros((height, width, 3), np.float32)
@@ -298,26 +347,101 @@ def overlay(image, labels: np.ndarray, class_names: Sequence[str], alpha: float 
     return canvas
 
 
+def drawn_boxes(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float | None = DRAW_NMS_IOU
+                ) -> np.ndarray:
+    """(N, 4) xyxy boxes, (N,) scores and labels -> the indices of the boxes a drawing shows, best first: those
+    class-wise hard NMS at IoU `iou` keeps (None: all), so the near duplicates that soft-NMS keeps with decayed
+    scores are not drawn over each other."""
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if iou is None:
+        return np.argsort(-scores, kind="stable")
+    import torch  # here, so that palettes, overlays and score_text do not load torch
+    from torchvision.ops import batched_nms
+    keep = batched_nms(torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4), torch.from_numpy(scores),
+                       torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1), float(iou))
+    return keep.numpy()
+
+
+def _caption_spots(box: np.ndarray, size: tuple[int, int], canvas: tuple[int, int]) -> np.ndarray:
+    """(C, 2) top-left corners (x, y) where a `size` (width, height) caption of `box` (x0, y0, x1, y1 in pixels) may
+    go, best first: above the box, below it, inside its top; then one caption height further up, further down,
+    further inside, and so on; each left-aligned with the box, then right-aligned; all within the canvas."""
+    (w, h), (canvas_w, canvas_h) = size, canvas
+    x0, y0, x1, y1 = (int(v) for v in box)
+    xs = list(dict.fromkeys(min(max(0, x), max(0, canvas_w - w)) for x in (x0, x1 - w)))
+    spots = []
+    for step in range(-(-canvas_h // max(1, h)) + 1):
+        rows = [y0 - h * (step + 1), y1 + h * step]  # above, below
+        if step == 0 or y0 + h * (step + 1) <= y1:  # inside: its top row always, further rows while they fit
+            rows.append(y0 + h * step)
+        spots += [(x, y) for y in rows if 0 <= y <= canvas_h - h for x in xs]
+    return np.array(spots, dtype=np.int64).reshape(-1, 2)
+
+
+def place_labels(boxes: np.ndarray, sizes: np.ndarray, canvas: tuple[int, int]) -> list[tuple[int, int] | None]:
+    """Where to put the captions of boxes so that no two overlap, greedily in the given order (best box first).
+
+    boxes: (N, 4) xyxy in the picture's pixels; sizes: (N, 2) caption (width, height) in px; canvas: the picture's
+    (width, height). Returns per box the top-left (x, y) of its caption, which then covers columns x .. x + w - 1
+    and rows y .. y + h - 1: above the box where that is free, else below it, else inside its top, else the free
+    place nearest those (`_caption_spots`); None where no free place lies within the picture.
+    """
+    taken = np.zeros((0, 4), dtype=np.int64)  # x0, y0, x1, y1 (exclusive) of the captions placed so far
+    places: list[tuple[int, int] | None] = []
+    for box, (w, h) in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(sizes, dtype=np.int64).reshape(-1, 2)):
+        spots = _caption_spots(box, (int(w), int(h)), canvas)
+        ends = spots + np.array([w, h])
+        clash = ((spots[:, None, 0] < taken[None, :, 2]) & (taken[None, :, 0] < ends[:, None, 0])
+                 & (spots[:, None, 1] < taken[None, :, 3]) & (taken[None, :, 1] < ends[:, None, 1])).any(axis=1)
+        free = np.flatnonzero(~clash)
+        if len(free):
+            x, y = (int(v) for v in spots[free[0]])
+            taken = np.vstack([taken, [x, y, x + w, y + h]])
+            places.append((x, y))
+        else:
+            places.append(None)
+    return places
+
+
 def draw_boxes(image, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
-               width: int | None = None, font_size: int | None = None) -> Image.Image:
+               width: int | None = None, font_size: int | None = None, *, scale: int | None = None,
+               nms_iou: float | None = DRAW_NMS_IOU) -> Image.Image:
     """(H, W, 3) image + (N, 4) xyxy boxes, (N,) labels and scores -> a PIL image with each box outlined in its
-    class colour and captioned 'name 0.87' (the best box drawn last, on top)."""
+    class colour and captioned 'name 0.87' (`score_text`: the score the JSON writes), the best box on top.
+
+    Only the boxes `drawn_boxes` keeps are drawn (class-wise hard NMS at `nms_iou`; None: all of them): the results
+    and their JSON keep soft-NMS's near duplicates, the picture does not. Captions are placed by `place_labels`
+    (none covers another; one that finds no free place is left out, its box still drawn).
+    width: outline width in px; font_size: caption text height in px (both scale with the drawn picture by default).
+    scale: the picture is drawn (H * scale, W * scale), pixels repeated; None: `display_scale` (small images come out
+    upscaled). Lines and text are drawn at that size.
+    """
     shape = image.size[::-1] if isinstance(image, Image.Image) else np.asarray(image).shape[:2]
-    rgb = _as_rgb(image, shape)
+    factor = _checked_scale(scale, shape)
+    rgb = _upscale(_as_rgb(image, shape), factor)
     canvas = Image.fromarray(rgb)
     height, img_width = rgb.shape[:2]
     draw = ImageDraw.Draw(canvas)
     colours = class_colours(list(class_names))
+    boxes, labels = np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(labels).reshape(-1)
+    scores = np.asarray(scores).reshape(-1)
+    shown = drawn_boxes(boxes, scores, labels, nms_iou)
+    pixels = np.clip(np.round(boxes[shown] * factor), 0, [img_width, height, img_width, height]).astype(np.int64)
     width = width or max(1, round(min(height, img_width) / 200))
-    size = font_size or max(10, min(32, round(min(height, img_width) / 30)))
+    size = font_size or max(12, min(32, round(min(height, img_width) / 28)))
     font = _font(size)
-    for box, label, score in reversed(list(zip(np.asarray(boxes), np.asarray(labels), np.asarray(scores)))):
-        colour = tuple(int(c) for c in colours[int(label)])
-        x0, y0, x1, y1 = (float(v) for v in box)
+    _, line_top, _, line_h = _text_size(font, "Agy")
+    pad = max(1, size // 8)
+    texts = [f"{class_names[int(labels[k])]} {score_text(scores[k])}" for k in shown]
+    inks = [_text_size(font, text) for text in texts]  # (left, top, width, height)
+    sizes = np.array([(ink[2] + 2 * pad, line_h + 2 * pad) for ink in inks], dtype=np.int64).reshape(-1, 2)
+    places = place_labels(pixels, sizes, (img_width, height))
+    box_colours = [tuple(int(c) for c in colours[int(labels[k])]) for k in shown]
+    for (x0, y0, x1, y1), colour in reversed(list(zip(pixels.tolist(), box_colours))):
         draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=width)
-        text = f"{class_names[int(label)]} {float(score):.2f}"
-        left, top, text_w, text_h = _text_size(font, text)
-        text_y = y0 - text_h - 2 if y0 - text_h - 2 >= 0 else y0
-        draw.rectangle([x0, text_y, x0 + text_w + 3, text_y + text_h + 2], fill=colour)
-        draw.text((x0 + 1 - left, text_y + 1 - top), text, fill=_ink(colour), font=font)
+    for place, text, ink, (w, h), colour in reversed(list(zip(places, texts, inks, sizes.tolist(), box_colours))):
+        if place is not None:
+            x, y = place
+            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=colour)
+            draw.text((x + pad - ink[0], y + pad - line_top), text, fill=_ink(colour), font=font)
     return canvas

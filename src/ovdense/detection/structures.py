@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..visualize import round_score
+
 
 @dataclass
 class DetectionResult:
@@ -46,7 +48,7 @@ class DetectionResult:
     def to_list(self, decimals: int = 2) -> list[dict]:
         """Hugging Face zero-shot-object-detection style: [{'score', 'label', 'box': {'xmin', 'ymin', 'xmax',
         'ymax'}}], best first; coordinates rounded to `decimals`."""
-        return [{"score": round(float(score), 4), "label": self.class_names[int(label)],
+        return [{"score": round_score(score), "label": self.class_names[int(label)],
                  "box": dict(zip(("xmin", "ymin", "xmax", "ymax"), (round(float(v), decimals) for v in box)))}
                 for box, score, label in zip(self.boxes.tolist(), self.scores.tolist(), self.labels.tolist())]
 
