@@ -347,6 +347,7 @@ def test_converter_maps_a_detector_checkpoint(rn50, tmp_path):
                          "roi_heads.box_predictor.test_cls_score.weight": (65, 1024),
                          "roi_heads.box_predictor.bbox_pred.weight": (4, 1024),
                          "roi_heads.box_predictor.bbox_pred.bias": (4,)})
+    official["roi_heads.box_predictor.cls_bg_score.weight"].zero_()  # RegionCLIP's background embedding
     state = detector_state(official, detector)
     detector.load_state_dict(state, strict=False)
     assert torch.equal(detector.box_head.weight, official["roi_heads.box_predictor.bbox_pred.weight"])
@@ -354,6 +355,8 @@ def test_converter_maps_a_detector_checkpoint(rn50, tmp_path):
     missing = {k: v for k, v in official.items() if k != "roi_heads.box_predictor.bbox_pred.bias"}
     with pytest.raises(CheckpointError):
         detector_state(missing, detector)
+    with pytest.raises(CheckpointError, match="cls_bg_score"):  # a learnt background would change every score
+        detector_state({**official, "roi_heads.box_predictor.cls_bg_score.weight": torch.ones(1, 1024)}, detector)
 
 
 # ------------------------------------------------------------------------------------------- training data

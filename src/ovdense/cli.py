@@ -792,6 +792,7 @@ def cmd_train(args) -> int:
 
 
 CONVERTED = ("tcl", "denseclip", "regionclip", "glip")  # the official repositories `ovdense convert` reads
+CONVERT_OPTIONS = {"glip": ("ema", "text_source"), "regionclip": ("class_names", "text_weights", "model", "preset")}
 
 
 def cmd_convert(args) -> int:
@@ -799,19 +800,31 @@ def cmd_convert(args) -> int:
     method, the model it needs and the preset of the paper's test protocol."""
     import importlib
 
+    from .errors import CheckpointError
     from .io import check_output_file
+    from .methods import read_trained
     output = check_output_file(args.output)
     if output.suffix != ".safetensors":
         raise UsageError(f"--output {output}: ovdense writes .safetensors files; name it e.g. {output.stem}.safetensors")
+    given = {"ema": args.ema or None, "text_source": args.text_source, "class_names": args.classes,
+             "text_weights": args.text_weights, "model": args.model, "preset": args.preset}
+    wrong = [key for key, value in given.items() if value is not None and key not in CONVERT_OPTIONS.get(args.method, ())]
+    if wrong:
+        flag = "--classes" if wrong[0] == "class_names" else "--" + wrong[0].replace("_", "-")
+        raise UsageError(f"{flag} does not apply to `convert {args.method}` (see `ovdense convert --help`)")
     missing = [path for path in args.files if not Path(path).is_file()]
     if missing:
         raise InputError(f"{missing[0]} does not exist; `ovdense models` says where each official file is published")
-    options = {key: value for key, value in (("ema", args.ema or None), ("text_source", args.text_source),
-                                             ("class_names", args.classes)) if value is not None}
     converter = importlib.import_module(f".convert.{args.method}", __package__)
-    written = converter.convert(args.files, output, **options)
-    print(f"wrote {written}; run it with: ovdense {'detect' if args.method in DETECTION_METHODS else 'segment'} "
-          f"IMAGE --checkpoint {written} --classes '...'")
+    written = converter.convert(args.files, output, **{k: v for k, v in given.items() if v is not None})
+    try:
+        method = read_trained(written, tensors=False)[0]["method"]
+    except CheckpointError:  # RegionCLIP's pretrained backbones become CLIP weights, not a method
+        print(f"wrote {written}: CLIP weights; use them as --weights {written} with --model RN50 or RN50x4 (the "
+              "architecture of the file), or as a RegionCLIP recipe's init")
+        return 0
+    command = "detect" if method in DETECTION_METHODS else "segment"
+    print(f"wrote {written}; run it with: ovdense {command} IMAGE --checkpoint {written} --classes '...'")
     return 0
 
 
@@ -1011,7 +1024,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--ema", action="store_true", help="glip: take the EMA weights ('model_ema')")
     conv.add_argument("--text-source", help="glip: a folder with BERT's tokenizer and config (default: "
                                             "bert-base-uncased from the Hugging Face cache)")
-    conv.add_argument("--classes", help="regionclip: the vocabulary recorded as the detector's classes")
+    conv.add_argument("--classes", help="regionclip: the test classes in the order of the class embeddings: "
+                                        "'a, b', a file with one per line, ov_coco65 or lvis1203 (default: the "
+                                        "list of the RPN's protocol)")
+    conv.add_argument("--text-weights", help="regionclip: CLIP weights (tag or file) whose text tower embeds names "
+                                             "the file has no embedding for, loaded only then (default: openai)")
+    conv.add_argument("--model", help="regionclip: the open_clip architecture (default: RN50 or RN50x4, read from "
+                                      "the file)")
+    conv.add_argument("--preset", choices=DETECTION_PRESETS, help="regionclip: the preset the file records "
+                                                                  "(default: ov-coco for a C4 RPN, lvis for FPN)")
     conv.set_defaults(func=cmd_convert)
 
     models = sub.add_parser("models", help="list the authors' released models, the shipped ones and open_clip's "

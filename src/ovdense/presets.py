@@ -143,6 +143,10 @@ PRESETS: dict[str, Protocol] = {
                            "voc21": {"background_threshold": 0.5},
                            "context60": {"background_threshold": 0.15},
                            "coco_object": {"background_threshold": 0.4}}),
+    # DenseCLIP on ADE20K (raoyongming/DenseCLIP configs, single scale): short side 512 (long side at most 2048), cv2
+    # bilinear, windows 512 / 341 whose head logits are averaged; CLIP's mean / std. The ViT-B/16 model: 640 / 426.
+    "denseclip-ade-512": Protocol("denseclip-ade-512", short_side=512, crop=512, stride=341, templates="none"),
+    "denseclip-ade-640": Protocol("denseclip-ade-640", short_side=640, crop=640, stride=426, templates="none"),
 }
 
 
@@ -163,7 +167,8 @@ class DetectionProtocol:
     score_threshold: (box, class) pairs scoring at most this are dropped before NMS (SCORE_THRESH_TEST).
     nms: 'class' (class-wise NMS), 'soft' (class-wise Gaussian soft-NMS, sigma `soft_nms_sigma`, pruned at 0.001)
         or 'none'; iou_threshold: NMS_THRESH_TEST. max_detections: DETECTIONS_PER_IMAGE.
-    multiply_objectness: class probability -> sqrt(p x RPN objectness probability) (RegionCLIP's LVIS setting).
+    multiply_objectness: class probability -> sqrt(p x the RPN's objectness) (RegionCLIP's LVIS MULTIPLY_RPN_SCORE,
+        which multiplies the raw logits of its offline RPN; see RegionCLIPDetector.class_scores).
     chunk_size: classes per prompt for grounding detectors (GLIP's CHUNKED_EVALUATION: 40 on LVIS); a prompt
         also ends where the text encoder's token limit would be passed.
     """
@@ -198,7 +203,8 @@ class DetectionProtocol:
 DETECTION_PRESETS: dict[str, DetectionProtocol] = {
     # RegionCLIP on OV-COCO (test_transfer_learning.sh): 800 / 1333, score 0.001, soft-NMS 0.5, 100 per image.
     "ov-coco": DetectionProtocol("ov-coco"),
-    # RegionCLIP on LVIS: score 0.02, 300 per image, objectness multiplied in (with the intended sigmoid).
+    # RegionCLIP on LVIS (CLIP_fast_rcnn_R_50_C4.yaml + test_transfer_learning.sh): score 0.02, soft-NMS 0.5, 300 per
+    # image, MULTIPLY_RPN_SCORE (sqrt of the class probability times the RPN's raw objectness logit, as its code does).
     "lvis": DetectionProtocol("lvis", score_threshold=0.02, max_detections=300, multiply_objectness=True),
     # The synthetic world at twice its 96 px scale (the tiny ResNet's res4 map is then 12x12), otherwise as OV-COCO.
     "synthetic-detection": DetectionProtocol("synthetic-detection", short=192, max_size=192),

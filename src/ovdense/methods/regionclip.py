@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import copy
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..backbones import CLIPBackbone
+from ..backbones import CLIPBackbone, load_clip
 from ..detection.roi import ProposalSampler, box_coder
-from ..detection.rpn import ProposalNetwork
+from ..detection.rpn import OfflineRPN, ProposalNetwork
+from ..errors import CheckpointError, InputError, UsageError
 from ..text import TextEmbeddingCache, resolve_templates
-from .base import TrainedModel
+from .base import NO_CLIP, TrainedModel
 
 TEMPERATURE = 0.01
+RPN_SOURCES = ("clip", "offline")
 
 
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -124,60 +127,147 @@ def box_classification_loss(logits: torch.Tensor, labels: torch.Tensor, focal_ga
     return (ce * (1 - p_t).clamp(min=torch.finfo(p_t.dtype).eps) ** focal_gamma * weight[labels]).mean()
 
 
+class _NoCLIP:
+    """What a converted release records as its CLIP: none (its file holds the image tower and class embeddings)."""
+
+    name = weights = NO_CLIP
+
+
+_NO_CLIP = _NoCLIP()
+
+
+def blank_image_tower(arch: str) -> CLIPBackbone:
+    """A CLIPBackbone holding only the image tower of open_clip's `arch`, randomly initialised (a file fills it)."""
+    with torch.random.fork_rng():
+        model = open_clip.create_model(arch, pretrained=None)
+    holder = nn.Module()
+    holder.visual = model.visual
+    return CLIPBackbone(holder, None, arch, NO_CLIP)
+
+
 class RegionCLIPDetector(TrainedModel, nn.Module):
     """The open-vocabulary Faster R-CNN (C4) of RegionCLIP.
 
     clip: the CLIP whose text tower embeds class names and whose frozen trunk feeds the proposal network.
     encoder: the region encoder (its own, trainable image tower: CLIP's or a RegionCLIP-pretrained one).
-    proposals: a class-agnostic ProposalNetwork, frozen (trained beforehand on base boxes).
     class_names: the training classes (their text embeddings are the classifier; frozen).
+    rpn_source: where proposals come from, frozen in both cases:
+        'clip': `proposals`, a class-agnostic ProposalNetwork (arguments `rpn`) on the CLIP's frozen res4, trained
+            beforehand on base boxes (`ovdense train rpn`);
+        'offline': `offline_rpn`, detectron2's ImageNet R-50 RPN the released detectors use (OfflineRPN arguments
+            `offline_rpn`), on its own input (BGR 0-255 minus its pixel mean).
+    stored_text: the class embeddings are weights of the file (`class_embeddings` (K, D), e.g. RegionCLIP's
+        concept-embedding files or a detector's test classifier) instead of being computed from `class_names`.
+    clip None: a converted release, whose file holds the whole image tower: `arch` is the open_clip architecture it
+        is built as, `text_weights` the CLIP weights (tag or file) whose text tower embeds names other than the stored
+        ones, loaded the first time one is asked (never when only stored names are). Needs rpn_source 'offline' and
+        stored_text.
     Box regression is class-agnostic: (R, D) -> (R, 4) deltas with detectron2's weights (10, 10, 5, 5).
     """
 
     name = "regionclip"
-    saved_prefixes = ("encoder.", "proposals.")  # the whole image tower (maybe RegionCLIP-pretrained) and the RPN
 
-    def __init__(self, clip: CLIPBackbone, class_names: list[str], rpn: dict | None = None,
+    def __init__(self, clip: CLIPBackbone | None, class_names: list[str], rpn: dict | None = None,
                  resolution: int | None = None, mode: str = "maskclip", focal_gamma: float | None = 0.5,
                  background_weight: float = 0.2, templates: str = "imagenet80", roi_batch: int = 512,
-                 positive_fraction: float = 0.25, fg_iou: float = 0.5, init: CLIPBackbone | None = None):
+                 positive_fraction: float = 0.25, fg_iou: float = 0.5, init: CLIPBackbone | None = None,
+                 rpn_source: str = "clip", offline_rpn: dict | None = None, stored_text: bool = False,
+                 arch: str | None = None, text_weights: str | None = None):
         super().__init__()
+        if rpn_source not in RPN_SOURCES:
+            raise UsageError(f"rpn_source must be one of {', '.join(RPN_SOURCES)}, got {rpn_source!r}")
+        if clip is None and not (rpn_source == "offline" and stored_text and arch):
+            raise UsageError("a RegionCLIP detector without a CLIP needs rpn_source='offline', stored_text=True and "
+                             "the open_clip arch of its image tower")
         self.config = {"class_names": list(class_names), "rpn": dict(rpn or {}), "resolution": resolution,
                        "mode": mode, "focal_gamma": focal_gamma, "background_weight": background_weight,
                        "templates": templates, "roi_batch": roi_batch, "positive_fraction": positive_fraction,
-                       "fg_iou": fg_iou}
-        self.clip = clip.requires_grad_(False)
-        tower = image_tower(init or clip).requires_grad_(True)
+                       "fg_iou": fg_iou, "rpn_source": rpn_source, "offline_rpn": dict(offline_rpn or {}),
+                       "stored_text": stored_text, "arch": arch, "text_weights": text_weights}
+        if clip is not None:
+            self.clip = clip.requires_grad_(False)
+            tower = image_tower(init or clip).requires_grad_(True)
+        else:
+            tower = blank_image_tower(arch)
+            # the predictor reads the image normalisation and device from `clip`: the tower itself, not registered
+            # a second time (the state dict keeps one copy)
+            object.__setattr__(self, "clip", tower)
         if tower.arch == "resnet":
             freeze_resnet_tower(tower.visual)
         self.encoder = RegionEncoder(tower, resolution, mode)
-        channels = trunk_map(clip, torch.zeros(1, 3, 64, 64, device=clip.device))[0].shape[1]
-        self.proposals = ProposalNetwork(channels, **self.config["rpn"]).requires_grad_(False)
-        self.box_head = nn.Linear(clip.embed_dim, 4)
+        if rpn_source == "offline":
+            self.offline_rpn = OfflineRPN(**self.config["offline_rpn"]).requires_grad_(False)
+        else:
+            channels = trunk_map(clip, torch.zeros(1, 3, 64, 64, device=clip.device))[0].shape[1]
+            self.proposals = ProposalNetwork(channels, **self.config["rpn"]).requires_grad_(False)
+        self.box_head = nn.Linear(tower.embed_dim, 4)
         nn.init.normal_(self.box_head.weight, std=0.001)
         nn.init.zeros_(self.box_head.bias)
         self.box_coder = box_coder()
         self.sampler = ProposalSampler(roi_batch, positive_fraction, fg_iou)
         self.focal_gamma, self.background_weight = focal_gamma, background_weight
         self.templates = resolve_templates(templates)
-        self.register_buffer("class_embeddings", self.embed_text(class_names), persistent=False)
+        if stored_text:  # filled from the file
+            self.register_buffer("class_embeddings", torch.zeros(len(class_names), tower.embed_dim))
+        else:
+            self.register_buffer("class_embeddings", self.embed_text(class_names), persistent=False)
+
+    @property
+    def saved_prefixes(self) -> tuple[str, ...]:
+        """Saved whole, frozen or not: the image tower (maybe RegionCLIP-pretrained) and the RPN."""
+        return ("encoder.", "offline_rpn." if self.config["rpn_source"] == "offline" else "proposals.")
 
     def train(self, mode: bool = True) -> "RegionCLIPDetector":
         super().train(mode)
-        self.clip.eval()
-        self.proposals.eval()  # frozen, and using its test-time top-n
+        if "clip" in self._modules:
+            self.clip.eval()
+        (self.offline_rpn if self.config["rpn_source"] == "offline" else self.proposals).eval()  # frozen, test top-n
         return self
+
+    def text_clip(self) -> CLIPBackbone:
+        """The CLIP that embeds class names: the detector's own, or for a converted release the `text_weights` of its
+        `arch`, loaded once when first needed."""
+        if "clip" in self._modules:
+            return self.clip
+        if self.__dict__.get("_text_clip") is None:
+            stored = len(self.config["class_names"])
+            if not self.config["text_weights"]:
+                raise InputError(f"this RegionCLIP detector knows the text embeddings of its {stored} classes only "
+                                 "and records no CLIP text tower for other names; ask for those classes")
+            try:
+                clip = load_clip(self.config["arch"], self.config["text_weights"], device=str(self.clip.device))
+            except CheckpointError as error:
+                raise CheckpointError(f"names outside this detector's {stored} stored class embeddings need the "
+                                      f"{self.config['arch']} text tower ({self.config['text_weights']}): {error}"
+                                      ) from error
+            object.__setattr__(self, "_text_clip", clip.requires_grad_(False))
+        return self._text_clip
 
     def embed_text(self, names: list[str], cache: TextEmbeddingCache | None = None) -> torch.Tensor:
         """(K,) class names -> (K, D) text embeddings: the mean over the detector's templates of the raw prompt
-        embeddings, normalised (RegionCLIP's class-embedding files)."""
+        embeddings, normalised (RegionCLIP's class-embedding files); with `stored_text` the stored rows of the names
+        among `class_names`, the others computed."""
         cache = cache if cache is not None else TextEmbeddingCache()  # an empty cache is falsy
-        return cache.embed(self.clip, list(names), self.templates, raw_mean=True).to(self.clip.device)
+        names = list(names)
+        row = {name: i for i, name in enumerate(self.config["class_names"])} if self.config["stored_text"] else {}
+        others = [name for name in dict.fromkeys(names) if name not in row]
+        computed = dict(zip(others, cache.embed(self.text_clip(), others, self.templates, raw_mean=True))) \
+            if others else {}
+        device = self.class_embeddings.device if self.config["stored_text"] else self.clip.device
+        return torch.stack([self.class_embeddings[row[n]] if n in row else computed[n].to(device) for n in names])
 
     @torch.no_grad()
     def propose(self, images: torch.Tensor, image_sizes: list[tuple[int, int]]
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Class-agnostic proposals [(P_i, 4)] and objectness probabilities [(P_i,)] of the frozen RPN."""
+        """Class-agnostic proposals [(P_i, 4)] of the frozen RPN and their objectness [(P_i,)] as it hands it over:
+        the offline RPN's logits (what RegionCLIP's code multiplies in), a ProposalNetwork's probabilities.
+
+        images: (B, 3, H, W) normalised with the CLIP's mean and std; the offline RPN gets them back in 0-255 units.
+        """
+        if self.config["rpn_source"] == "offline":
+            mean = images.new_tensor(self.clip.image_mean).view(-1, 1, 1)
+            std = images.new_tensor(self.clip.image_std).view(-1, 1, 1)
+            return self.offline_rpn((images.float() * std + mean) * 255, image_sizes)
         features, _ = trunk_map(self.clip, images)
         boxes, scores, _ = self.proposals.propose(features.float(), images, image_sizes)
         return boxes, scores
@@ -207,7 +297,7 @@ class RegionCLIPDetector(TrainedModel, nn.Module):
     def embed_image(self, images: torch.Tensor, image_sizes: list[tuple[int, int]],
                     boxes: list[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
         """Everything about an image that does not depend on the vocabulary, per image: 'boxes' (R, 4) refined by
-        the box head and clipped, 'embeddings' (R, D), 'objectness' (R,) (1 for given boxes).
+        the box head and clipped, 'embeddings' (R, D), 'objectness' (R,) as `propose` gives it (1 for given boxes).
 
         boxes: given regions (e.g. ground truth) instead of the RPN's; they are not refined.
         """
@@ -231,16 +321,23 @@ class RegionCLIPDetector(TrainedModel, nn.Module):
     def class_scores(embedded: dict[str, torch.Tensor], text: torch.Tensor, multiply_objectness: bool = False
                      ) -> torch.Tensor:
         """(R, K) class probabilities of an image's regions for (K, D) text embeddings: softmax over the K classes
-        and background, background dropped; `multiply_objectness` takes sqrt(p x objectness probability)
-        (RegionCLIP's LVIS MULTIPLY_RPN_SCORE, with the sigmoid its code intends)."""
+        and background, background dropped.
+
+        multiply_objectness: RegionCLIP's MULTIPLY_RPN_SCORE (LVIS): sqrt(p x objectness) with the objectness the
+        RPN handed over. RegionCLIP's code multiplies the offline RPN's raw logits, not their sigmoid, so scores
+        can pass 1 and a region with a negative logit scores NaN there, which its post-processing drops; here it
+        scores 0, which no score threshold (>= 0) lets through either.
+        """
         probs = region_logits(embedded["embeddings"], text).softmax(dim=-1)[:, :-1]
         if multiply_objectness:
-            probs = torch.sqrt(probs * embedded["objectness"][:, None])
+            probs = torch.sqrt((probs * embedded["objectness"][:, None]).clamp(min=0))
         return probs
 
     @property
-    def backbone(self) -> CLIPBackbone:
-        return self.clip
+    def backbone(self):
+        """The CLIP the detector was built on (recorded in saved files), or a stand-in named 'none' for a converted
+        release."""
+        return self._modules["clip"] if "clip" in self._modules else _NO_CLIP
 
 
 class RegionProposer(TrainedModel, nn.Module):
