@@ -987,7 +987,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     synth = sub.add_parser("synth", formatter_class=_Formatter, help="export the synthetic world in the standard formats")
-    synth.add_argument("--output", default="data/synthetic", help="folder for the exported dataset")
+    synth.add_argument("--output", default="data/synthetic-96", help="folder for the exported dataset (where the "
+                                                                      "synthetic recipes export it too)")
     synth.add_argument("--train", type=int, default=1000, help="train scenes")
     synth.add_argument("--val", type=int, default=100, help="val scenes")
     synth.add_argument("--size", type=int, default=96, help="scene size in pixels (at least 32)")
