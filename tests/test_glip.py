@@ -423,3 +423,24 @@ def test_pseudo_labels_keep_every_piece_of_a_phrase(tmp_path):
                  threshold=0.5, progress=False)
     phrase = read_records(tmp_path / "out.jsonl")[0]["phrases"][0]
     assert phrase["spans"] == [(2, 5), (16, 20)] and phrase["boxes"] == [[1.0, 1.0, 10.0, 10.0]]
+
+
+def test_timms_imagenet_swin_weights_load_into_glips_swin_as_they_are(monkeypatch):
+    """GLIP starts from ImageNet Swin weights (pretrained_image); timm's, under its own names, fill ovdense's Swin
+    (which follows GLIP's swint.py) one to one. Offline, timm's random weights stand in for the download."""
+    timm = pytest.importorskip("timm")
+    from ovdense.methods.glip import SwinPyramid
+    create = timm.create_model
+    made = {}
+
+    def offline(name, pretrained=False, **kwargs):
+        made["model"] = create(name, pretrained=False, **kwargs)
+        return made["model"]
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    swin = SwinPyramid("swin-t", pretrained=True).swin
+    theirs = made["model"].state_dict()
+    assert theirs.keys() == swin.state_dict().keys()
+    assert all(torch.equal(v, theirs[k]) for k, v in swin.state_dict().items())
+    with pytest.raises(InputError, match="changed swin-t"):
+        SwinPyramid("swin-t", pretrained=True, arch={"window": 12})

@@ -168,14 +168,31 @@ def _nltk_spans(caption: str) -> list[Span]:
     return spans
 
 
+def _token_at(offsets: list[Span], char: int, last: bool) -> int | None:
+    """A fast tokenizer's `char_to_token`: the token whose character span holds `char` (None for a space, a character
+    past the end, or one no token covers); when several do (open_clip's pieces of one word share the word's span),
+    the first, or the last when `last`."""
+    found = [t for t, (a, b) in enumerate(offsets) if a <= char < b]
+    return (found[-1] if last else found[0]) if found else None
+
+
+def _first_token(offsets: list[Span], chars: tuple[int, ...], last: bool) -> int | None:
+    """The token of the first of `chars` that has one."""
+    return next((t for t in (_token_at(offsets, c, last) for c in chars) if t is not None), None)
+
+
 def positive_map(offsets: list[Span], spans: list[list[Span]], length: int) -> torch.Tensor:
-    """Which tokens each phrase covers: per-token character spans ((0, 0) for special tokens) and, per phrase, its
-    character spans -> (P, length) bool. A token belongs to a phrase when their character ranges overlap (GLIP's
-    char_to_token of the span's first and last characters, and every token between)."""
+    """Which tokens each phrase covers (GLIP's `create_positive_map`): per-token character spans ((0, 0) for special
+    tokens) and, per phrase, its character spans -> (P, length) bool. A span [start, end) runs from the token of
+    character start (else start + 1, else start + 2) to the token of character end - 1 (else end - 2, else end - 3),
+    both included; a span with no token at either end adds nothing (a name ending in a space takes the token
+    before it)."""
+    offsets = offsets[:length]
     out = torch.zeros(len(spans), length, dtype=torch.bool)
     for p, phrase in enumerate(spans):
         for start, end in phrase:
-            for t, (a, b) in enumerate(offsets[:length]):
-                if b > a and a < end and start < b:
-                    out[p, t] = True
+            first = _first_token(offsets, (start, start + 1, start + 2), last=False)
+            final = _first_token(offsets, (end - 1, end - 2, end - 3), last=True)
+            if first is not None and final is not None:
+                out[p, first:final + 1] = True
     return out

@@ -74,6 +74,17 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """detectron2's `fast_rcnn_inference_single_image` on one image: (R, 4) class-agnostic boxes (or (R, K, 4)
     per-class) and (R, K) class scores -> (N, 4) boxes, (N,) scores, (N,) labels, best first, N <= max_detections.
+    See `select_pairs` for the arguments."""
+    rows, labels, scores = select_pairs(boxes, scores, score_threshold, nms, iou_threshold, max_detections,
+                                        soft_nms_sigma, soft_nms_method, soft_nms_min_score)
+    return (boxes[rows, labels] if boxes.dim() == 3 else boxes[rows]), scores, labels
+
+
+def select_pairs(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float = 0.05, nms: str = "class",
+                 iou_threshold: float = 0.5, max_detections: int = 100, soft_nms_sigma: float = 0.5,
+                 soft_nms_method: str = "gaussian", soft_nms_min_score: float = 0.001
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (box, class) pairs `select_detections` keeps: (N,) box rows, (N,) classes, (N,) scores, best first.
 
     Every (box, class) pair scoring above `score_threshold` is a candidate; nms: 'class' (class-wise NMS at
     `iou_threshold`), 'soft' (class-wise soft-NMS, its IoU threshold is `iou_threshold`) or 'none'.
@@ -87,10 +98,10 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold
     boxes, scores = per_class[rows, labels], scores[rows, labels]
     if nms == "class":
         keep = batched_nms(boxes.float(), scores.float(), labels, iou_threshold)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        rows, scores, labels = rows[keep], scores[keep], labels[keep]
     elif nms == "soft":
         keep, scores = soft_nms(boxes, scores, soft_nms_sigma, iou_threshold, soft_nms_min_score, soft_nms_method,
                                 labels=labels)
-        boxes, labels = boxes[keep], labels[keep]
+        rows, labels = rows[keep], labels[keep]
     order = torch.argsort(scores, descending=True, stable=True)[:max_detections]
-    return boxes[order], scores[order], labels[order]
+    return rows[order], labels[order], scores[order]

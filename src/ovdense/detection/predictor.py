@@ -15,7 +15,7 @@ from ..text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary
 from .atss import to_continuous
 from .grounding import GroundingPrompt, caption_prompt, chunk_classes, class_prompt, positive_map
 from .images import pad_batch, prepare_image
-from .postprocess import select_detections
+from .postprocess import select_detections, select_pairs
 from .structures import DetectionResult, GroundingResult
 
 
@@ -133,7 +133,7 @@ class GroundingPredictor:
     def _boxes(self, prompt: GroundingPrompt, protocol: DetectionProtocol
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One prompt -> (N, 4) continuous boxes in the input image's pixels, (N,) scores, (N,) phrase indices after
-        class-wise NMS and the top `max_detections`."""
+        class-wise NMS and the top `max_detections` (GLIP's `ATSSPostProcessor`, then `BoxList.resize`)."""
         if self._image is None:
             raise RuntimeError("call set_image(image) first")
         text = self.detector.tokenize([prompt.caption])
@@ -143,16 +143,20 @@ class GroundingPredictor:
             raise InputError(f"no token of the text encoder falls on {', '.join(map(repr, lost))}")
         found = self.detector.predict(self._image["levels"], text, [token_map], protocol.score_threshold)[0]
         height, width = self._image["size"]
-        boxes = to_continuous(found["boxes"].clamp(min=torch.zeros(4, device=self.device),
-                                                   max=found["boxes"].new_tensor([width - 1, height - 1] * 2)))
-        boxes, scores, labels = select_detections(boxes, _one_hot_scores(found["scores"], found["labels"],
-                                                                          len(prompt.spans)),
-                                                  0.0, protocol.nms, protocol.iou_threshold, protocol.max_detections,
-                                                  protocol.soft_nms_sigma)
+        # pixel-index boxes clipped to the resized image (`clip_to_image`); NMS on them made continuous (x1 + 1,
+        # y1 + 1) is maskrcnn-benchmark's `ml_nms`, whose areas and overlaps count the +1 pixel
+        clipped = found["boxes"].clamp(min=torch.zeros(4, device=self.device),
+                                       max=found["boxes"].new_tensor([width - 1, height - 1] * 2))
+        rows, labels, scores = select_pairs(to_continuous(clipped),
+                                            _one_hot_scores(found["scores"], found["labels"], len(prompt.spans)),
+                                            0.0, protocol.nms, protocol.iou_threshold, protocol.max_detections,
+                                            protocol.soft_nms_sigma)
+        # `BoxList.resize` scales the pixel-index boxes to the input image, whose continuous box adds the pixel back
+        # (the width COCO's evaluation of GLIP gives them); then kept inside the image
         original_h, original_w = self._image["rgb"].shape[:2]
-        scale = boxes.new_tensor([width / original_w, height / original_h] * 2)
-        limit = boxes.new_tensor([original_w, original_h] * 2)
-        return torch.minimum(boxes / scale, limit), scores, labels
+        ratio = clipped.new_tensor([original_w / width, original_h / height] * 2)
+        limit = clipped.new_tensor([original_w, original_h] * 2)
+        return torch.minimum(to_continuous(clipped[rows] * ratio), limit), scores, labels
 
     @torch.no_grad()
     def detect(self, vocabulary: Vocabulary | str | list[str], **overrides) -> DetectionResult:

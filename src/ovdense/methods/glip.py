@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss
+from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss, stochastic_depth
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..backbones import CLIPBackbone
@@ -77,40 +77,242 @@ class CLIPPyramid(nn.Module):
                 for s in STRIDES[:3]]
 
 
-SWIN = {  # GLIP's backbones: timm's model, its stage 2-4 widths
-    "swin-t": ("swin_tiny_patch4_window7_224", [192, 384, 768]),  # GLIP-T: depths 2-2-6-2, window 7
-    "swin-l": ("swin_large_patch4_window12_384", [384, 768, 1536]),  # GLIP-L: depths 2-2-18-2, window 12
+SWIN = {  # GLIP's backbones (MODEL.SWINT of its configs) and timm's ImageNet model of the same layout (GLIP's init)
+    "swin-t": {"embed_dim": 96, "depths": [2, 2, 6, 2], "heads": [3, 6, 12, 24], "window": 7, "drop_path": 0.2,
+               "timm": "swin_tiny_patch4_window7_224"},  # GLIP-T
+    "swin-l": {"embed_dim": 192, "depths": [2, 2, 18, 2], "heads": [6, 12, 24, 48], "window": 12, "drop_path": 0.4,
+               "timm": "swin_large_patch4_window12_384"},  # GLIP-L
 }
+SWIN_ARCH = ("embed_dim", "depths", "heads", "window")  # what a `swin` override may change
+SHIFT_MASK = -100.0  # the shifted windows' attention mask between tokens of different regions
+
+
+def _windows(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of `window` -> (B * H/w * W/w, w * w, C), windows row-major."""
+    batch, height, width, channels = x.shape
+    x = x.reshape(batch, height // window, window, width // window, window, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels)
+
+
+def _unwindow(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of `_windows`: (B * nW, w * w, C) -> (B, H, W, C)."""
+    channels = windows.shape[-1]
+    x = windows.reshape(-1, height // window, width // window, window, window, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+
+
+def shift_mask(height: int, width: int, window: int, shift: int, device=None) -> torch.Tensor:
+    """The shifted windows' additive attention mask of a padded (height, width) map (swint.py `BasicLayer`): the map
+    cut into 3 x 3 regions by the slices [0, -w), [-w, -shift), [-shift, end) of each axis; two tokens of one window
+    in different regions get -100 -> (nW, w * w, w * w)."""
+    regions = torch.zeros(1, height, width, 1, device=device)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, (rows, columns) in enumerate((r, c) for r in cuts for c in cuts):
+        regions[:, rows, columns] = i
+    labels = _windows(regions, window)[..., 0]  # (nW, w * w)
+    return torch.where(labels[:, None, :] != labels[:, :, None], SHIFT_MASK, 0.0)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """(w * w, w * w) index into the (2w - 1)^2-row bias table of each pair of positions of a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (w*w, w*w, 2)
+    return relative[..., 0] * (2 * window - 1) + relative[..., 1]
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows, with a learned relative-position bias per head."""
+
+    def __init__(self, dim: int, heads: int, window: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B * nW, w * w, C), mask (nW, w * w, w * w) or None -> (B * nW, w * w, C)."""
+        count, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(count, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.reshape(tokens, tokens, -1).permute(2, 0, 1)
+        if mask is not None:
+            logits = (logits.reshape(-1, len(mask), self.heads, tokens, tokens) + mask[None, :, None])
+            logits = logits.reshape(count, self.heads, tokens, tokens)
+        return self.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(count, tokens, dim))
+
+
+class SwinMlp(nn.Module):
+    """Swin's feed-forward: fc1 (4x wider), exact GELU, fc2."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwinBlock(nn.Module):
+    """A Swin block as GLIP's `swint.py` runs it on any size: pre-norm window attention (the normalised map zero-padded
+    at the bottom / right to whole windows, then cyclically shifted when `shift`), pre-norm MLP, stochastic depth."""
+
+    def __init__(self, dim: int, heads: int, window: int, shift: int, drop_path: float):
+        super().__init__()
+        self.window, self.shift, self.drop_path = window, shift, drop_path
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, heads, window)
+        self.mlp = SwinMlp(dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, H, W, C); mask: `shift_mask` of the padded map -> (B, H, W, C)."""
+        height, width = x.shape[1:3]
+        w, s = self.window, self.shift
+        y = F.pad(self.norm1(x), (0, 0, 0, -width % w, 0, -height % w))
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(1, 2))
+        y = _unwindow(self.attn(_windows(y, w), mask if s else None), w, *y.shape[1:3])
+        if s:
+            y = torch.roll(y, (s, s), dims=(1, 2))
+        x = x + stochastic_depth(y[:, :height, :width], self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
+
+
+class PatchMerging(nn.Module):
+    """2 x 2 neighbours concatenated (x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] in (row, column);
+    odd sizes zero-padded), layer-normed and projected to twice the width."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, ceil(H / 2), ceil(W / 2), 2C)."""
+        x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """4 x 4 patches (the image zero-padded at the right / bottom to whole patches), projected and layer-normed."""
+
+    def __init__(self, dim: int, patch: int = 4):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, ceil(H / 4), ceil(W / 4), C)."""
+        height, width = images.shape[-2:]
+        images = F.pad(images, (0, -width % self.patch, 0, -height % self.patch))
+        return self.norm(self.proj(images).permute(0, 2, 3, 1))
+
+
+class SwinStage(nn.Module):
+    """Patch merging (stages 1-3) then blocks alternating plain and shifted windows (shift = window // 2)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, window: int, drop_paths: list[float], merge: bool):
+        super().__init__()
+        self.window = window
+        self.downsample = PatchMerging(dim // 2) if merge else nn.Identity()
+        self.blocks = nn.ModuleList([SwinBlock(dim, heads, window, window // 2 if j % 2 else 0, drop_paths[j])
+                                     for j in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C_in) -> (B, H', W', dim)."""
+        x = self.downsample(x)
+        w, (height, width) = self.window, x.shape[1:3]
+        mask = None  # one mask for the stage's shifted blocks (the odd ones)
+        if len(self.blocks) > 1:
+            mask = shift_mask(-(-height // w) * w, -(-width // w) * w, w, w // 2, x.device)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """GLIP's Swin (maskrcnn_benchmark `swint.py`, v1, no absolute position embedding) under timm's parameter names
+    (`layers_{i}`, patch merging at the start of stage i rather than the end of stage i - 1), so that timm's ImageNet
+    weights load as they are. timm's own Swin cannot stand in for it: it shifts before padding to whole windows and
+    drops the shift where a map is no larger than a window; GLIP pads first and always shifts."""
+
+    def __init__(self, embed_dim: int, depths: list[int], heads: list[int], window: int, drop_path: float = 0.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(embed_dim)
+        rates = torch.linspace(0, drop_path, sum(depths), device="cpu").tolist()
+        for i, (depth, head) in enumerate(zip(depths, heads)):
+            start = sum(depths[:i])
+            self.add_module(f"layers_{i}", SwinStage(embed_dim * 2 ** i, depth, head, window,
+                                                     rates[start:start + depth], merge=i > 0))
+        self.stages = len(depths)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        """`SwinTransformer.init_weights`: truncated normal (0.02) linear weights, zero biases, unit LayerNorms."""
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> every stage's output [(B, H_i, W_i, C_i)], strides 4, 8, 16, 32."""
+        x, out = self.patch_embed(images), []
+        for i in range(self.stages):
+            x = getattr(self, f"layers_{i}")(x)
+            out.append(x)
+        return out
 
 
 class SwinPyramid(nn.Module):
-    """GLIP's backbone: timm's Swin-T (or Swin-L), stages 2-4 (strides 8, 16, 32), each stage output layer-normed
-    (GLIP's norm1..3), any input size (padded to the windows). Input: RGB normalised with ImageNet's mean / std (the
-    converter turns GLIP's BGR 0-255 patch embedding into this)."""
+    """GLIP's backbone: Swin-T (or Swin-L), stages 2-4 (strides 8, 16, 32), each stage output layer-normed (GLIP's
+    norm1..3), any input size (padded to patches, windows and merges as GLIP does). Input: RGB normalised with
+    ImageNet's mean / std (the converter turns GLIP's BGR 0-255 patch embedding into this).
+
+    arch: changes to the variant's embed_dim, depths, heads or window (a tiny Swin for tests); pretrained: timm's
+    ImageNet weights of the variant (GLIP's initialisation), downloaded once.
+    """
 
     image_mean = (0.485, 0.456, 0.406)
     image_std = (0.229, 0.224, 0.225)
 
-    def __init__(self, variant: str = "swin-t", frozen: bool = False, drop_path: float = 0.2,
-                 pretrained: bool = False):
+    def __init__(self, variant: str = "swin-t", frozen: bool = False, pretrained: bool = False,
+                 arch: dict | None = None):
         super().__init__()
-        try:
-            import timm
-        except ImportError as error:
-            raise InputError("the Swin backbones need timm: pip install 'ovdense[glip]'") from error
-        name, self.channels = SWIN[variant]
-        try:
-            self.swin = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(1, 2, 3),
-                                          strict_img_size=False, dynamic_img_size=True, drop_path_rate=drop_path)
-        except (OSError, RuntimeError) as error:
-            raise InputError(f"cannot load timm's ImageNet {variant} weights ({error}); online they download once, "
-                             "offline set pretrained_image: false") from error
+        unknown = set(arch or {}) - set(SWIN_ARCH)
+        if unknown:
+            raise InputError(f"swin may change {', '.join(SWIN_ARCH)}, not {', '.join(sorted(unknown))}")
+        spec = {**SWIN[variant], **(arch or {})}
+        self.swin = SwinTransformer(spec["embed_dim"], list(spec["depths"]), list(spec["heads"]), spec["window"],
+                                    spec["drop_path"])
+        self.channels = [spec["embed_dim"] * 2 ** i for i in (1, 2, 3)]
         self.norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
+        if pretrained:
+            if arch:
+                raise InputError(f"timm has ImageNet weights for {variant} itself, not for a changed {variant}")
+            self.swin.load_state_dict(_timm_swin_state(spec["timm"], variant))
         self.requires_grad_(not frozen)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> [(B, C_i, ceil(H / s), ceil(W / s)) for s in 8, 16, 32]."""
-        return [norm(x).permute(0, 3, 1, 2) for norm, x in zip(self.norms, self.swin(images))]
+        maps = self.swin(images)[1:]
+        return [norm(x).permute(0, 3, 1, 2) for norm, x in zip(self.norms, maps)]
+
+
+def _timm_swin_state(name: str, variant: str) -> dict[str, torch.Tensor]:
+    """timm's ImageNet weights of a Swin (downloaded once; the same names as `SwinTransformer`'s)."""
+    try:
+        import timm
+    except ImportError as error:
+        raise InputError("the ImageNet Swin weights come from timm: pip install 'ovdense[glip]'") from error
+    try:
+        return timm.create_model(name, pretrained=True, features_only=True, out_indices=(1, 2, 3)).state_dict()
+    except (OSError, RuntimeError) as error:
+        raise InputError(f"cannot load timm's ImageNet {variant} weights ({error}); online they download once, "
+                         "offline set pretrained_image: false") from error
 
 
 # -------------------------------------------------------------------------------------------------- fusion
@@ -209,7 +411,7 @@ class DyReLU(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 4):
         super().__init__()
-        squeeze = max(4, int(channels // reduction + 2) // 4 * 4)  # _make_divisible(channels // 4, 4)
+        squeeze = channels // reduction  # DYReLU with its reduction 4 (no rounding to a multiple of 4 then)
         self.fc = nn.Sequential(nn.Linear(channels, squeeze), nn.ReLU(inplace=True), nn.Linear(squeeze, 4 * channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,31 +525,30 @@ def _mean_over_ranks(value: float) -> float:
 
 
 class GLIPDetector(TrainedModel, nn.Module):
-    """GLIP on an open_clip image tower or Swin-T, and a token text encoder (the CLIP's text tower or BERT).
+    """GLIP on an open_clip image tower or Swin, and a token text encoder (the CLIP's text tower or BERT).
 
     clip: the CLIP whose image tower is the backbone (image='clip') and whose text tower encodes prompts (text='clip');
         None for GLIP-T / GLIP-L themselves (image='swin-t' / 'swin-l', text='bert').
     channels: FPN / head width (256 in GLIP-T). layers: fusion + conv layers (6). fusion: deep fusion on/off.
-    fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers.
+    fusion_dim, fusion_heads: the bi-attention's width and heads (2048, 8). text_heads: heads of the text layers
+    (None: the text encoder's own, as GLIP's BERT layers).
+    swin: changes to the Swin's embed_dim, depths, heads or window (see `SwinPyramid`; None for GLIP's own).
     text_source: the BERT (a Hugging Face name or folder); pretrained_text: load its weights (False when they come
-    from a GLIP checkpoint); pretrained_image: start Swin-T from timm's ImageNet weights (GLIP's init).
-    deformable: DyHead's deformable convs. train_backbone / train_text: fine-tune the towers (GLIP fine-tunes both). prompt_tuning: GLIP's `language_prompt_v2`: a zero-initialised table (one row per
-    token position) added to the token features, everything else frozen.
+    from a GLIP checkpoint); pretrained_image: start the Swin from timm's ImageNet weights (GLIP's init).
+    deformable: DyHead's deformable convs. train_backbone / train_text: fine-tune the towers (GLIP fine-tunes both).
+    prompt_tuning: GLIP's `language_prompt_v2`: a zero-initialised table (one row per token position) added to the
+    token features, everything else frozen.
     """
 
     name = "glip"
 
     def __init__(self, clip: CLIPBackbone | None, channels: int = 256, layers: int = 6, fusion: bool = True,
-                 fusion_dim: int = 2048, fusion_heads: int = 8, text_heads: int = 12, groups: int = 16,
+                 fusion_dim: int = 2048, fusion_heads: int = 8, text_heads: int | None = 12, groups: int = 16,
                  image: str = "clip", text: str = "clip", text_source: str = "bert-base-uncased",
                  pretrained_text: bool = True, pretrained_image: bool = False, deformable: bool = True,
-                 train_backbone: bool = True, train_text: bool = True, topk: int = 9, dropout: float = 0.1, prompt_tuning: bool = False):
+                 train_backbone: bool = True, train_text: bool = True, topk: int = 9, dropout: float = 0.1,
+                 prompt_tuning: bool = False, swin: dict | None = None):
         super().__init__()
-        self.config = {"channels": channels, "layers": layers, "fusion": fusion, "fusion_dim": fusion_dim,
-                       "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "image": image,
-                       "text": text, "text_source": text_source, "deformable": deformable,
-                       "train_backbone": train_backbone, "train_text": train_text, "topk": topk, "dropout": dropout,
-                       "prompt_tuning": prompt_tuning}
         if image not in ("clip", *SWIN) or text not in ("clip", "bert"):
             raise InputError(f"image must be 'clip', 'swin-t' or 'swin-l' and text 'clip' or 'bert', got {image!r}, "
                              f"{text!r}")
@@ -355,8 +556,14 @@ class GLIPDetector(TrainedModel, nn.Module):
             raise InputError("image='clip' or text='clip' needs a CLIP")
         self.clip = clip = copy.deepcopy(clip).requires_grad_(False) if clip is not None else None  # fine-tuned here
         self.image = (CLIPPyramid(clip, not train_backbone) if image == "clip"
-                      else SwinPyramid(image, not train_backbone, pretrained=pretrained_image))
+                      else SwinPyramid(image, not train_backbone, pretrained=pretrained_image, arch=swin))
         self.text = CLIPTokenText(clip) if text == "clip" else BertTokenText(text_source, pretrained=pretrained_text)
+        text_heads = self.text.heads if text_heads is None else text_heads
+        self.config = {"channels": channels, "layers": layers, "fusion": fusion, "fusion_dim": fusion_dim,
+                       "fusion_heads": fusion_heads, "text_heads": text_heads, "groups": groups, "image": image,
+                       "text": text, "text_source": text_source, "deformable": deformable,
+                       "train_backbone": train_backbone, "train_text": train_text, "topk": topk, "dropout": dropout,
+                       "prompt_tuning": prompt_tuning, "swin": swin}
         self.text.trainable(train_text)
         self.fpn = FeaturePyramidNetwork(self.image.channels, channels, extra_blocks=LastLevelP6P7(channels, channels))
         width = self.text.width

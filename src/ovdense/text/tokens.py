@@ -1,13 +1,14 @@
 """Token-level text features with each token's character span, for grounding (GLIP): a phrase's characters in a
 caption name the tokens whose features a box must align with.
 
-Two encoders share one interface (`tokenize`, `forward`, `width`, `max_tokens`):
+Two encoders share one interface (`tokenize`, `forward`, `width`, `heads`, `max_tokens`):
   CLIPTokenText  the open_clip text tower of the CLIP in use: its token features after ln_final (B, L, width)
   BertTokenText  a Hugging Face BERT (GLIP's `bert-base-uncased`, 256 tokens); needs `pip install transformers`
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,6 +66,11 @@ class CLIPTokenText(nn.Module):
     def width(self) -> int:
         return self.clip.model.token_embedding.weight.shape[1]
 
+    @property
+    def heads(self) -> int:
+        """The attention heads of the text transformer's layers."""
+        return self.clip.model.transformer.resblocks[0].attn.num_heads
+
     def trainable(self, flag: bool) -> None:
         """Train (or freeze) the text tower only; the image tower shares `clip` and keeps its own setting."""
         m = self.clip.model
@@ -114,11 +120,24 @@ class CLIPTokenText(nn.Module):
         return m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length])).float()
 
 
+def _bert_missing(source: str, pretrained: bool, error: Exception) -> str:
+    """What to do when BERT's files are not at `source` (a Hugging Face name or a folder)."""
+    folder = Path(source).is_dir() or Path(source).is_absolute() or source.startswith((".", "~"))
+    repo = "bert-base-uncased" if folder else source
+    files = "" if pretrained else " config.json vocab.txt tokenizer.json tokenizer_config.json"
+    return (f"cannot load BERT's tokenizer and config{' and weights' if pretrained else ''} from {source!r} "
+            f"({str(error).splitlines()[0].strip()}); get them with `huggingface-cli download {repo}{files} "
+            f"--local-dir {source if folder else repo}` (on any connected machine) and pass that folder")
+
+
 class BertTokenText(nn.Module):
-    """GLIP's language backbone: a Hugging Face BERT's last hidden states (B, L, 768) for `bert-base-uncased`.
+    """GLIP's language backbone (`bert_model.BertEncoder`): a Hugging Face BERT's last hidden states (B, L, 768 for
+    `bert-base-uncased`), special tokens included, with the attention mask of the real tokens. GLIP averages the last
+    N_LAYERS = 1 hidden states, which is the last one, and pads every caption to 256 tokens, which changes nothing for
+    the real tokens (padding is masked); here captions are padded to the longest of the batch only.
 
     source: a model name (Hugging Face cache; offline it must already be there) or a local folder holding the
-    model and its tokenizer.
+    tokenizer and config (and the weights when `pretrained`).
     """
 
     def __init__(self, source: str = "bert-base-uncased", max_tokens: int = 256, pretrained: bool = True):
@@ -132,14 +151,18 @@ class BertTokenText(nn.Module):
             self.tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
             self.model = (AutoModel.from_pretrained(source, add_pooling_layer=False) if pretrained else
                           AutoModel.from_config(AutoConfig.from_pretrained(source), add_pooling_layer=False))
-        except OSError as error:
-            raise InputError(f"cannot load BERT {source!r} ({error}); offline, download it once with "
-                             f"`huggingface-cli download {source}` or pass a local folder") from error
+        except (OSError, ValueError) as error:
+            raise InputError(_bert_missing(source, pretrained, error)) from error
         self._max_tokens = max_tokens
 
     @property
     def width(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def heads(self) -> int:
+        """BERT's attention heads (GLIP's text layers in the head take BERT's config)."""
+        return self.model.config.num_attention_heads
 
     def trainable(self, flag: bool) -> None:
         self.model.requires_grad_(flag)
