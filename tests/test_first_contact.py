@@ -150,3 +150,45 @@ def test_names_the_shipped_clip_never_read_get_a_warning(scene_png, tmp_path, ca
     warnings = [line for line in captured.err.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1 and "'cat'" in warnings[0] and "--weights openai" in warnings[0]
     assert "sky" not in warnings[0] and "brick wall" not in warnings[0] and "red star" not in warnings[0]
+
+
+@pytest.fixture(scope="module")
+def shipped_glip():
+    from ovdense.detection.predictor import GroundingPredictor
+    from ovdense.methods import load_detector
+    detector, preset = load_detector("glip", weights="synthetic")
+    return GroundingPredictor(detector, preset)
+
+
+def test_spans_index_the_caption_as_given(shipped_glip):
+    from ovdense.detection.grounding import caption_prompt
+    caption = "İİİ a Red Star on sand"  # 'İ'.lower() is two characters
+    prompt = caption_prompt(caption, ["red star", "SAND"])
+    assert [caption[s:e] for spans in prompt.spans for s, e in spans] == ["Red Star", "sand"]
+    ids, spans = shipped_glip.detector.text.token_spans(caption)
+    assert {caption[s:e] for s, e in spans} >= {"Red", "Star", "sand"}
+
+
+def test_top_k_counts_per_image_over_all_prompts(shipped_glip):
+    from ovdense.data.datasets import builtin_vocabulary
+    from ovdense.data.synthetic import THINGS
+    scene = np.asarray(SyntheticWorld().scene(scene_index("val", 0)).image)
+    names = list(THINGS) + builtin_vocabulary("lvis1203").names[:100]
+    shipped_glip.set_image(scene)
+    assert len(shipped_glip.detect(names, max_detections=5, score_threshold=0.0)) == 5
+    per_prompt = shipped_glip.detect(names, max_detections=5, score_threshold=0.0, per_prompt=True)
+    assert len(per_prompt) > 5  # GLIP's LVIS evaluation: 5 for each of the prompts
+
+
+def test_prompts_fill_the_text_encoders_real_budget(shipped_glip):
+    from ovdense.data.datasets import builtin_vocabulary
+    from ovdense.detection.grounding import chunk_classes, class_prompt
+    detector = shipped_glip.detector
+    names = builtin_vocabulary("lvis1203").names[:200]
+    chunks = chunk_classes(names, detector.count_tokens, detector.max_tokens, chunk_size=80)
+    for chunk, following in zip(chunks, chunks[1:]):
+        used = detector.count_tokens(class_prompt([names[k] for k in chunk]).caption) + 2
+        longer = detector.count_tokens(class_prompt([names[k] for k in chunk + following[:1]]).caption) + 2
+        assert used <= detector.max_tokens < longer  # full: one more name would not fit
+    assert len(detector.text.tokenize([class_prompt([names[k] for k in chunks[0]]).caption]).ids[0]) \
+        <= detector.max_tokens

@@ -2,6 +2,8 @@
 import json
 import math
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -73,9 +75,11 @@ def test_caption_prompt_finds_given_phrases_or_chunks_noun_phrases():
 
 def test_chunks_respect_both_the_name_count_and_the_token_limit():
     names = [f"thing{i}" for i in range(10)]
-    count = lambda text: len(text.split()) + 1  # noqa: E731  'thingN. ' is two tokens
+    count = lambda text: len(re.findall(r"\w+|[^\w\s]", text))  # noqa: E731  a word or a mark: one token
     assert chunk_classes(names, count, max_tokens=100, chunk_size=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # 'thing0. thing1. thing2' is 5 tokens, 7 with the special ones; a fourth name would need 9
     assert chunk_classes(names, count, max_tokens=8, chunk_size=40) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert chunk_classes(names, count, max_tokens=9, chunk_size=40) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     with pytest.raises(InputError, match="alone takes"):
         chunk_classes(["a very long name indeed"], count, max_tokens=4)
 

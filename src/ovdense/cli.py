@@ -329,7 +329,8 @@ def _build_detection_predictor(args, score_threshold: float | None = None):
     detector, recommended = load_detector(args.method, args.checkpoint, args.weights, str(resolve_device(args.device)))
     protocol = get_detection_protocol(args.preset or recommended or DEFAULT_DETECTION_PRESETS[args.method]).updated(
         nms=getattr(args, "nms", None), iou_threshold=getattr(args, "iou_threshold", None),
-        max_detections=getattr(args, "max_detections", None), score_threshold=score_threshold)
+        max_detections=getattr(args, "max_detections", None), score_threshold=score_threshold,
+        per_prompt=False if getattr(args, "max_detections", None) else None)  # --top-k counts per image
     from dataclasses import asdict
     described = {"method": args.method, "model": detector.backbone.name, "weights": detector.backbone.weights,
                  "checkpoint": args.checkpoint, "protocol": asdict(protocol)}

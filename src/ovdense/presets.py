@@ -171,6 +171,8 @@ class DetectionProtocol:
         which multiplies the raw logits of its offline RPN; see RegionCLIPDetector.class_scores).
     chunk_size: classes per prompt for grounding detectors (GLIP's CHUNKED_EVALUATION: 40 on LVIS); a prompt
         also ends where the text encoder's token limit would be passed.
+    per_prompt: max_detections holds for each prompt of a chunked vocabulary (GLIP's LVIS evaluation, scored with
+        Fixed AP) instead of for the image.
     """
 
     name: str
@@ -183,6 +185,7 @@ class DetectionProtocol:
     max_detections: int = 100
     multiply_objectness: bool = False
     chunk_size: int = 40
+    per_prompt: bool = False
 
     def __post_init__(self):
         checks = {"short": isinstance(self.short, int) and self.short > 0,
@@ -211,9 +214,9 @@ DETECTION_PRESETS: dict[str, DetectionProtocol] = {
     # GLIP (ATSSPostProcessor): a phrase's mean token probability above 0.05, class-wise NMS 0.6, 100 per image;
     # COCO's 80 names in one prompt.
     "glip": DetectionProtocol("glip", score_threshold=0.05, nms="class", iou_threshold=0.6, chunk_size=80),
-    # GLIP on LVIS minival: 40 names per prompt, 300 detections per prompt and image.
+    # GLIP on LVIS minival: 40 names per prompt, 300 detections per prompt.
     "glip-lvis": DetectionProtocol("glip-lvis", score_threshold=0.05, nms="class", iou_threshold=0.6,
-                                   max_detections=300, chunk_size=40),
+                                   max_detections=300, chunk_size=40, per_prompt=True),
     # GLIP on the synthetic world at 192 px.
     "glip-synthetic": DetectionProtocol("glip-synthetic", short=192, max_size=192, score_threshold=0.05,
                                         nms="class", iou_threshold=0.6),

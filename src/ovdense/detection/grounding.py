@@ -52,19 +52,21 @@ def class_prompt(names: list[str], separator: str = SEPARATOR) -> GroundingPromp
 
 def chunk_classes(names: list[str], count_tokens: Callable[[str], int], max_tokens: int, chunk_size: int = 40,
                   separator: str = SEPARATOR) -> list[list[int]]:
-    """Consecutive groups of class indices whose prompt has at most `chunk_size` names and fits in `max_tokens`
-    (special tokens included). count_tokens(text) counts a text's tokens without the special ones."""
+    """Consecutive groups of class indices whose prompt ('a. b. c', as `class_prompt` joins them) has at most
+    `chunk_size` names and fits in `max_tokens` (special tokens included): each prompt is as full as the text encoder
+    allows. count_tokens(text) counts a text's tokens without the special ones."""
+    between = count_tokens(separator)
     chunks, current, used = [], [], 2
     for k, name in enumerate(names):
-        cost = count_tokens(clean_name(name) + separator)
+        cost = count_tokens(clean_name(name))
         if cost + 2 > max_tokens:
             raise InputError(f"the class name {name!r} alone takes {cost} tokens; the text encoder takes "
                              f"{max_tokens - 2}: shorten it")
-        if current and (len(current) == chunk_size or used + cost > max_tokens):
+        if current and (len(current) == chunk_size or used + between + cost > max_tokens):
             chunks.append(current)
             current, used = [], 2
+        used += cost + (between if current else 0)
         current.append(k)
-        used += cost
     return chunks + ([current] if current else [])
 
 
@@ -116,9 +118,8 @@ def caption_prompt(caption: str, phrases: list[str] | None = None, chunker: str 
         spans = noun_phrase_spans(caption, chunker)
         return GroundingPrompt(caption, [caption[s:e] for s, e in spans], [[span] for span in spans])
     out = GroundingPrompt(caption, [], [])
-    lowered = caption.lower()
-    for phrase in dict.fromkeys(p.strip() for p in phrases):
-        found = [m.span() for m in re.finditer(re.escape(phrase.lower()), lowered)] if phrase else []
+    for phrase in dict.fromkeys(p.strip() for p in phrases):  # spans index the caption as given (no lower())
+        found = [m.span() for m in re.finditer(re.escape(phrase), caption, re.IGNORECASE)] if phrase else []
         if not found:
             raise InputError(f"the phrase {phrase!r} is not in the caption {caption!r}")
         out.phrases.append(phrase)

@@ -178,6 +178,9 @@ class GroundingPredictor:
         if len(vocab.queries) > len(vocab):  # synonyms of one class may come from several prompts
             keep = batched_nms(boxes, scores, labels, protocol.iou_threshold)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if not protocol.per_prompt:  # the image's best max_detections over all its prompts
+            keep = scores.argsort(descending=True, stable=True)[:protocol.max_detections]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         return DetectionResult(boxes, scores, labels, vocab.names, tuple(self._image["rgb"].shape[:2]),
                                image=self._image["rgb"])
 

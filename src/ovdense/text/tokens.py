@@ -18,6 +18,13 @@ from ..errors import InputError
 Span = tuple[int, int]
 
 
+def lowered_with_origin(text: str) -> tuple[str, list[int]]:
+    """text.lower() and, for each of its characters, the index of the character of `text` it comes from (lower()
+    can change the length: 'İ' becomes two characters)."""
+    pieces = [(char.lower(), i) for i, char in enumerate(text)]
+    return "".join(low for low, _ in pieces), [i for low, i in pieces for _ in low]
+
+
 @dataclass
 class TokenizedText:
     """ids (B, L) int64, mask (B, L) bool (real tokens, special ones included), offsets: per caption and token its
@@ -85,12 +92,13 @@ class CLIPTokenText(nn.Module):
     def token_spans(self, text: str) -> tuple[list[int], list[Span]]:
         """A caption's BPE token ids (no start / end tokens) and their character spans."""
         tok = self.tokenizer
+        lowered, origin = lowered_with_origin(text)
         ids, spans = [], []
-        for match in tok.pat.finditer(text.lower()):
+        for match in tok.pat.finditer(lowered):
             word = "".join(tok.byte_encoder[b] for b in match.group().encode("utf-8"))
             for piece in tok.bpe(word).split(" "):
                 ids.append(tok.encoder[piece])
-                spans.append(match.span())
+                spans.append((origin[match.start()], origin[match.end() - 1] + 1))
         return ids, spans
 
     def count_tokens(self, text: str) -> int:
