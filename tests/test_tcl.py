@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from ovdense.backbones import load_clip
 from ovdense.data.export import export_world
 from ovdense.data.synthetic import SyntheticWorld
+from ovdense.engine import tcl_train
 from ovdense.engine.recipe import load_recipe
 from ovdense.engine.tcl_train import TCLRecipe, train_tcl
+from ovdense.errors import InputError
 from ovdense.eval import SegmentationMetric
 from ovdense.methods import load_method
 from ovdense.methods.tcl import (TCL, GroundingDecoder, TCLLossWeights, area_loss, extended_info_nce, gumbel_sigmoid,
@@ -147,3 +149,24 @@ def test_recipes_parse():
     for name in ("tcl_tiny_synthetic", "tcl_vit_b16_cc3m_cc12m"):
         recipe = load_recipe(TCLRecipe, f"configs/{name}.yaml")
         assert recipe.train["steps"] > 0 and recipe.data["sources"]
+
+
+def test_recipe_can_normalise_with_imagenet_statistics(tmp_path, monkeypatch):
+    """data.normalize: 'imagenet' trains on ImageNet's mean / std, as kakaobrain/tcl does (us.DEFAULT_MEAN)."""
+    (tmp_path / "captions.jsonl").write_text("")
+    data = {"sources": str(tmp_path / "captions.jsonl"), "normalize": "imagenet"}
+    with pytest.raises(InputError, match=r"data\.normalize: unknown value 'clip'"):
+        TCLRecipe(model="tiny-vit", weights="random", data={**data, "normalize": "clip"}).validate()
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def dataset(sources, size, mean, std, **kwargs):
+        seen.update(mean=mean, std=std)
+        raise Stop  # before any training
+
+    monkeypatch.setattr(tcl_train, "ImageTextDataset", dataset)
+    with pytest.raises(Stop):
+        train_tcl(TCLRecipe(model="tiny-vit", weights="random", data=data), tmp_path / "run", progress=False)
+    assert seen == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}

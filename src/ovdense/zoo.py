@@ -32,14 +32,14 @@ class Release:
         return f"ovdense convert {self.method} {' '.join(self.files)} --output {self.name}.safetensors"
 
 
-_TCL = "https://github.com/khanrc/tcl#checkpoints"
+_TCL = "https://github.com/kakaobrain/tcl#evaluation"
 _DENSECLIP = "https://github.com/raoyongming/DenseCLIP/tree/master/segmentation#results"
 _REGIONCLIP = "https://github.com/microsoft/RegionCLIP/blob/main/docs/MODEL_ZOO.md"
 _GLIP = "https://github.com/microsoft/GLIP#model-zoo"
 
 RELEASES: tuple[Release, ...] = (
     Release("tcl-vit-b16", "tcl", "CLIP ViT-B/16 (OpenAI, frozen)", ("tcl.pth",), _TCL, "tcl",
-            "mIoU VOC21 51.2, Context60 24.3, COCO-Object 30.4 (TCL paper, Table 1, with PAMR)"),
+            "mIoU with PAMR VOC21 55.0, Context60 30.4, COCO-Object 31.6 (TCL paper, Table 2)"),
     Release("denseclip-rn50-ade20k", "denseclip", "CLIP RN50", ("denseclip_fpn_res50_512x512_80k.pth",), _DENSECLIP,
             "denseclip-ade-512", "ADE20K mIoU 43.5 (single scale, Semantic FPN, 80k iterations)"),
     Release("denseclip-rn101-ade20k", "denseclip", "CLIP RN101", ("denseclip_fpn_res101_512x512_80k.pth",), _DENSECLIP,

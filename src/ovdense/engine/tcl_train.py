@@ -11,6 +11,7 @@ from ..backbones import load_clip
 from ..data.captions import ImageTextDataset, expand_sources
 from ..errors import InputError
 from ..methods.tcl import TCL, TCLLossWeights
+from ..predictor import IMAGENET_MEAN_STD
 from . import checks
 from .checks import within
 from .recipe import (TrainSection, check_clip, check_eval, check_export, check_synthesize, segmentation_evaluator,
@@ -18,7 +19,7 @@ from .recipe import (TrainSection, check_clip, check_eval, check_export, check_s
 from .trainer import Trainer, seeded
 
 
-TCL_DATA_KEYS = ("sources", "text", "image_size", "scale", "synthesize")
+TCL_DATA_KEYS = ("sources", "text", "image_size", "scale", "normalize", "synthesize")
 
 
 @dataclass
@@ -30,9 +31,10 @@ class TCLRecipe(TrainSection):
     decoder_only_steps: the first steps train the decoder only, not the copied last block (the
         paper's 30k of 50k).
     data: sources (CSV / JSONL / tar patterns, one or a list), text ('caption' or 'phrase'), image_size,
-        scale (random-resized-crop area range, 0 < low <= high <= 1), and optionally synthesize ({root, size,
-        seed, max_objects, train, val}: export the synthetic world there first). Paths are relative to the
-        current directory.
+        scale (random-resized-crop area range, 0 < low <= high <= 1), normalize ('model': the CLIP's mean / std,
+        the default; 'imagenet': ImageNet's, as kakaobrain/tcl trains and evaluates, to pair with the 'tcl'
+        preset), and optionally synthesize ({root, size, seed, max_objects, train, val}: export the synthetic
+        world there first). Paths are relative to the current directory.
     eval: {dataset, root, split, limit, preset} evaluated every train.eval_every steps.
     train: TrainConfig fields; train.seed also draws the grounder's initial weights.
     export: where the trained grounder goes (safetensors); relative: in the run's output folder; default
@@ -78,6 +80,7 @@ class TCLRecipe(TrainSection):
             for i, source in enumerate([sources] if isinstance(sources, str) else sources):
                 checks.text(f"sources[{i}]", source)
             checks.choice("text", data.get("text", "caption"), ("caption", "phrase"))
+            checks.choice("normalize", data.get("normalize", "model"), ("model", "imagenet"))
             if "image_size" in data:
                 checks.integer("image_size", data["image_size"], minimum=1)
             checks.pair("scale", data.get("scale", (0.5, 1.0)),
@@ -128,7 +131,9 @@ def train_tcl(recipe: TCLRecipe, out_dir: str | Path, device: str = "cpu", resum
     backbone = load_clip(recipe.model, recipe.weights, device=device)
     model = build_tcl(recipe, backbone)
     size = recipe.data.get("image_size", backbone.image_size)
-    dataset = ImageTextDataset(recipe.sources(), size, backbone.image_mean, backbone.image_std,
+    mean, std = (IMAGENET_MEAN_STD if recipe.data.get("normalize", "model") == "imagenet"
+                 else (backbone.image_mean, backbone.image_std))
+    dataset = ImageTextDataset(recipe.sources(), size, mean, std,
                                text=recipe.data.get("text", "caption"), scale=recipe.data.get("scale", (0.5, 1.0)),
                                seed=config.seed, progress=progress)
     weights = TCLLossWeights(**(recipe.loss or {}))

@@ -1,14 +1,17 @@
 """TCL (Cha et al., CVPR 2023): open-vocabulary segmentation learned from image-caption pairs only.
 
 The grounder keeps CLIP frozen. From the tokens before CLIP's last block it runs a trainable copy of
-that block (MaskCLIP's value path), a grounding decoder (gated residual convolutions, two 2x
-upsamplings) and a trainable copy of CLIP's output projection, giving dense embeddings at 4x the
-patch resolution. A text t grounds a mask M = sigmoid(w * cos(dense, t) + b) with learnable w, b.
+that block (MaskCLIP's value path, with its residual and FFN), straight into a grounding decoder (gated
+residual convolutions, two 2x upsamplings; no LayerNorm before it: the official `encoders.py` replaces
+`ln_post` by Identity before `masker.py` copies the tower) and a trainable copy of CLIP's ln_post and
+projection, giving dense embeddings at 4x the patch resolution. A text t grounds a mask
+M = sigmoid(w * cos(dense, t) + b) with learnable w, b.
 
 Training losses (each a function below): image-level TCL (the image masked by the hard, straight-
 through Gumbel mask is re-encoded by the frozen CLIP and matched to its text), feature-level TCL
 (mask-pooled dense embeddings against the texts of the batch), area priors on the positive and
-negative masks, and total variation of the masks and the dense embeddings.
+negative masks, and total variation of the masks and the dense embeddings. Every computation follows
+kakaobrain/tcl (models/tcl/*.py); `ovdense.convert.tcl` reads its released tcl.pth.
 """
 from __future__ import annotations
 
@@ -24,13 +27,23 @@ from ..backbones import CLIPBackbone
 from ..distributed import gather_with_grad
 from ..ops import PAMR
 from ..presets import Protocol
+from ..text import TextEmbeddingCache
 from .base import DenseMethod
+
+
+_NORM_EPS = 1e-6  # the official code normalises every embedding with this eps (us.normalize)
+
+
+def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x scaled to unit L2 norm along `dim`."""
+    return F.normalize(x, dim=dim, eps=_NORM_EPS)
 
 
 # ----------------------------------------------------------------------------------------- losses
 def gumbel_sigmoid(logits: torch.Tensor, tau: float = 1.0, hard: bool = True) -> torch.Tensor:
-    """Sample sigmoid((logits + logistic noise) / tau); with `hard`, binarise at 0.5 with straight-through gradients."""
-    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    """Sample sigmoid((logits + logistic noise) / tau), the noise log(u / (1 - u)) of u = rand_like(logits); with
+    `hard`, binarise at 0.5 with straight-through gradients."""
+    u = torch.rand_like(logits)
     soft = torch.sigmoid((logits + torch.log(u / (1 - u))) / tau)
     if not hard:
         return soft
@@ -55,7 +68,7 @@ def masked_pool(dense: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> 
 
 def info_nce(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE of matching rows: image (B, C), text (B, C); negatives from all ranks under DDP."""
-    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    image, text = _unit(image, -1), _unit(text, -1)
     all_text, offset = gather_with_grad(text)
     all_image, _ = gather_with_grad(image)
     labels = torch.arange(len(image), device=image.device) + offset
@@ -69,7 +82,7 @@ def extended_info_nce(pooled: torch.Tensor, text: torch.Tensor, logit_scale: tor
     Image-to-text: row i scores pooled[i, j] against text j. Text-to-image: text j scores the
     embeddings that every image pooled for it, pooled[:, j].
     """
-    pooled, text = F.normalize(pooled, dim=-1), F.normalize(text, dim=-1)
+    pooled, text = _unit(pooled, -1), _unit(text, -1)
     all_text, offset = gather_with_grad(text)
     batch = len(text)
     labels = torch.arange(batch, device=text.device) + offset
@@ -156,7 +169,6 @@ class TCL(DenseMethod):
         backbone.requires_grad_(False)
         visual = backbone.visual
         self.block = copy.deepcopy(visual.transformer.resblocks[-1]).requires_grad_(True)
-        self.block_norm = copy.deepcopy(visual.ln_post).requires_grad_(True)
         width = visual.proj.shape[0]
         self.decoder = GroundingDecoder(width, decoder_layers, kernel_size)
         self.proj_norm = LayerNorm2d(width)
@@ -178,18 +190,21 @@ class TCL(DenseMethod):
     def upsampling(self) -> int:
         return 2 ** len(self.decoder.blocks)
 
+    def embed_text(self, queries: list[str], templates: tuple[str, ...], cache: TextEmbeddingCache) -> torch.Tensor:
+        """(Q,) names -> (Q, D): the mean of the raw template embeddings, normalised (as the official evaluation)."""
+        return cache.embed(self.backbone, queries, templates, raw_mean=True)
+
     def ground(self, tokens: torch.Tensor, grid: tuple[int, int], train_block: bool = True) -> torch.Tensor:
         """CLIP tokens before the last block (B, 1 + h*w, width) -> dense embeddings (B, D, h*u, w*u), u = 4."""
         with torch.set_grad_enabled(train_block and torch.is_grad_enabled()):
             x, _ = self.backbone.vit_last_block(tokens, "maskclip", grid, block=self.block, with_keys=False)
-            x = self.block_norm(x[:, 1:])
-        x = x.transpose(1, 2).reshape(len(x), -1, *grid)
+        x = x[:, 1:].transpose(1, 2).reshape(len(x), -1, *grid)
         x = self.proj_norm(self.decoder(x))
         return torch.einsum("bchw,cd->bdhw", x, self.proj.to(x.dtype))
 
     def mask_logits(self, dense: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """w * cos(dense, text) + b: dense (B, D, H, W), text (N, D) -> (B, N, H, W)."""
-        cosine = torch.einsum("bdhw,nd->bnhw", F.normalize(dense, dim=1), F.normalize(text, dim=-1))
+        cosine = torch.einsum("bdhw,nd->bnhw", _unit(dense, 1), _unit(text, -1))
         return self.w * cosine + self.b
 
     def losses(self, images: torch.Tensor, texts: list[str], weights: TCLLossWeights, train_block: bool = True
@@ -218,8 +233,8 @@ class TCL(DenseMethod):
                "tv_dense_loss": weights.tv * tv_loss(dense)}
         pooled = masked_pool(dense, soft)  # (B, N, D)
         out["feature_tcl_loss"] = weights.tcl * extended_info_nce(pooled, text, self.feature_logit_scale)
-        hard = gumbel_sigmoid(logits[mine, mine + offset][:, None], self.gumbel_tau, hard=True)
-        hard = F.interpolate(hard, size=images.shape[-2:], mode="nearest")
+        hard = gumbel_sigmoid(logits, self.gumbel_tau, hard=True)  # noise for every (image, text), as officially
+        hard = F.interpolate(hard[mine, mine + offset][:, None], size=images.shape[-2:], mode="nearest")
         masked_embedding = self.backbone.encode_image(hard * images).float()
         out["image_tcl_loss"] = weights.tcl * info_nce(masked_embedding, text, self.image_logit_scale)
         out["loss"] = sum(out.values())
@@ -237,7 +252,7 @@ class TCL(DenseMethod):
         visual = self.backbone.visual
         clip = (visual.ln_post(x[:, 1:]) @ visual.proj).float().transpose(1, 2).reshape(len(x), -1, *grid)
         pixels = F.interpolate(crops.float(), size=dense.shape[-2:], mode="bilinear", align_corners=True)
-        return {"dense": F.normalize(dense, dim=1), "clip": F.normalize(clip, dim=1), "pixels": pixels}
+        return {"dense": _unit(dense, 1), "clip": _unit(clip, 1), "pixels": pixels}
 
     @torch.no_grad()
     def crop_logits(self, embedded: dict[str, torch.Tensor], text: torch.Tensor, protocol: Protocol | None = None
@@ -249,7 +264,7 @@ class TCL(DenseMethod):
         if protocol is not None and protocol.pamr_iterations > 0 and protocol.pamr_at == "mask":
             masks = PAMR(protocol.pamr_iterations, protocol.pamr_dilations)(embedded["pixels"], masks)
         if self.kp_weight > 0:
-            cosine = torch.einsum("bdhw,qd->bqhw", embedded["clip"], F.normalize(text, dim=-1))
+            cosine = torch.einsum("bdhw,qd->bqhw", embedded["clip"], _unit(text, -1))
             kp = torch.sigmoid((cosine - self.kp_offset) * self.kp_scale)
             kp = F.interpolate(kp, size=masks.shape[-2:], mode="bilinear", align_corners=False)
             masks = self.kp_weight * kp + (1 - self.kp_weight) * masks
