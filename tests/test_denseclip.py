@@ -80,6 +80,44 @@ def test_score_map_and_auxiliary_loss(vit):
     torch.testing.assert_close(losses["loss"], losses["decode_loss"] + losses["aux_loss"])
 
 
+def test_loss_average_all_counts_ignored_pixels_as_zero(vit):
+    """loss_average='all' is mmseg < 0.23's mean over every pixel (what the official models were trained with)."""
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, len(NAMES), (2, 64, 64))
+    labels[:, :16] = 255
+    valid = _model(vit).eval().losses(images, labels)  # _model seeds: the two models are the same
+    every = _model(vit, loss_average="all").eval().losses(images, labels)
+    share = float((labels != 255).float().mean())
+    for key in ("decode_loss", "aux_loss"):
+        torch.testing.assert_close(every[key], valid[key] * share)
+
+
+def test_default_levels_and_pyramid_follow_the_official_vit(vit):
+    model = _model(vit)
+    assert model.levels == [0, 0, 0, 1] and model.score_level == 2 and model.min_crop_patches == 2  # patch 16
+    maps = [torch.randn(1, 64, 4, 6) for _ in range(4)]
+    assert [tuple(m.shape[-2:]) for m in model.pyramid(maps)] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert all(isinstance(op, torch.nn.GroupNorm) or isinstance(op[0], torch.nn.GroupNorm)
+               for op in model.pyramid.ops)
+    tiny8 = load_clip("ovdense-tiny-vit", "random")  # patch 8: 2x up, as is, 2x and 4x down; blocks 0-3 of 4
+    model8 = DenseCLIP(tiny8, NAMES, **SMALL)
+    assert model8.levels == [0, 1, 2, 3] and model8.score_level == 1 and model8.min_crop_patches == 4
+    maps = [torch.randn(1, 128, 8, 12) for _ in range(4)]
+    assert [tuple(m.shape[-2:]) for m in model8.pyramid(maps)] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    grid8 = DenseCLIP(tiny8, NAMES, pyramid="grid", **SMALL)  # patch 16's ops: strides 2-16 with patch 8
+    assert grid8.score_level == 2 and grid8.min_crop_patches == 2 and grid8.config["pyramid"] == "grid"
+    assert [tuple(m.shape[-2:]) for m in grid8.pyramid(maps)] == [(32, 48), (16, 24), (8, 12), (4, 6)]
+
+
+def test_train_size_resizes_the_positional_grid_bilinearly_once(tiny_model_configs):
+    rn = load_clip("tiny-rn", "random")
+    pos = rn.visual.attnpool.positional_embedding.detach().clone()  # 2 x 2 grid for 64 px
+    model = _model(rn, train_size=96)
+    resized = rn.visual.attnpool.positional_embedding
+    expected = F.interpolate(pos[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2), size=(3, 3), mode="bilinear")
+    torch.testing.assert_close(resized[1:], expected.permute(0, 2, 3, 1).reshape(9, -1))
+    assert resized.requires_grad and model.config["train_size"] == 96 and rn.image_size == 96
+
+
 def test_resnet_and_baseline(tiny_model_configs):
     rn = load_clip("tiny-rn", "random")
     model = _model(rn)
@@ -155,7 +193,7 @@ def test_short_run_loss_falls_then_predicts(world_folder, tmp_path, caplog):
                                     "checkpoint_every": 10, "eval_every": 30, "grad_clip": None})
     model, path = train_denseclip(recipe, tmp_path / "run", progress=False)
     losses = _losses(tmp_path / "run")
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # the head starts near uniform (mmseg init)
     with open(tmp_path / "run" / "metrics.csv") as handle:
         assert float(list(csv.DictReader(handle))[-1]["mIoU"]) > 0
     loaded = load_method("denseclip", checkpoint=str(path))

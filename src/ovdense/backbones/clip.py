@@ -49,25 +49,27 @@ class DenseFeatures:
 # How each dense mode resizes the ViT positional embedding to a new grid. 'size': bicubic to the grid size
 # (open_clip, MaskCLIP, TCL). 'scale': SCLIP's / ClearCLIP's / NACLIP's `interpolate_pos_encoding`, bicubic with
 # scale factors ((h + 0.1) / g, (w + 0.1) / g) that also set the sampling positions, and only when the number of
-# tokens changes.
+# tokens changes. 'bilinear': bilinear to the grid size (align_corners=False), DenseCLIP's resize (ViT and ResNet
+# attention pool alike).
 POS_RESIZE = {"sclip": "scale", "clearclip": "scale", "naclip": "scale"}
 
 
 def resize_grid_embedding(pos: torch.Tensor, grid: tuple[int, int], extra_tokens: int = 1, how: str = "size"
                           ) -> torch.Tensor:
-    """Bicubically resize a (extra + g*g, C) positional embedding to (extra + grid[0]*grid[1], C); `how` as in
-    POS_RESIZE."""
+    """Resize a (extra + g*g, C) positional embedding to (extra + grid[0]*grid[1], C); `how`: 'size', 'scale' or
+    'bilinear', as described above POS_RESIZE. The extra (class) tokens are kept as they are."""
     extra, spatial = pos[:extra_tokens], pos[extra_tokens:]
     side = int(math.isqrt(spatial.shape[0]))
     if (side, side) == tuple(grid) or (how == "scale" and grid[0] * grid[1] == side * side):
-        return pos
+        return pos  # bilinear and bicubic to the same size are the identity
     spatial = spatial.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
     if how == "scale":
         factors = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
         spatial = F.interpolate(spatial, scale_factor=factors, mode="bicubic", align_corners=False,
                                 recompute_scale_factor=False)
     else:
-        spatial = F.interpolate(spatial, size=grid, mode="bicubic", align_corners=False)
+        mode = "bilinear" if how == "bilinear" else "bicubic"
+        spatial = F.interpolate(spatial, size=grid, mode=mode, align_corners=False)
     spatial = spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([extra, spatial], dim=0)
 
@@ -215,19 +217,23 @@ class CLIPBackbone(nn.Module):
         x = x[torch.arange(len(x), device=x.device), eot]
         return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
-    def image_pyramid(self, images: torch.Tensor, indices: list[int]
-                      ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    def image_pyramid(self, images: torch.Tensor, indices: list[int], pos_resize: str = "size",
+                      class_embedding_twice: bool = False) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """One pass for dense decoders: intermediate maps (B, C_i, h_i, w_i) at `indices` (as in `feature_maps`),
         the global embedding (B, D) and the dense embeddings (B, D, h, w) of CLIP's own last layer (ResNet:
-        the attention pool at every location; ViT: ln_post and proj on every token). Differentiable."""
+        the attention pool at every location; ViT: ln_post and proj on every token). Differentiable.
+
+        pos_resize: how the positional embedding (ViT, or the ResNet attention pool's) reaches the feature grid, as in
+        POS_RESIZE. class_embedding_twice: ViT only, see `_vit_embed`."""
         images = images.to(self.dtype)
         if self.arch == "resnet":
             stages = self._resnet_trunk(images)
-            tokens = self._attention_pool(stages[-1])  # (B, 1 + h*w, D)
+            tokens = self._attention_pool(stages[-1], pos_resize=pos_resize)  # (B, 1 + h*w, D)
             grid = tuple(stages[-1].shape[-2:])
             maps = [stages[i] for i in indices]
         else:
-            maps, x, grid = self._vit_maps(images, indices, run_all=True)
+            maps, x, grid = self._vit_maps(images, indices, run_all=True, pos_resize=pos_resize,
+                                           class_embedding_twice=class_embedding_twice)
             tokens = self.visual.ln_post(x) @ self.visual.proj
         dense = tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, *grid)
         return maps, tokens[:, 0], dense
@@ -264,22 +270,44 @@ class CLIPBackbone(nn.Module):
             return [stages[i] for i in indices]
         return self._vit_maps(images, indices, run_all=False)[0]
 
+    def resize_position_grid(self, size: int, how: str = "bilinear") -> None:
+        """Replace the image tower's positional embedding (ViT tokens, or the ResNet attention pool's) by its resize
+        (`how`, as in POS_RESIZE) to the grid of `size` x `size` images, which becomes the native size: DenseCLIP
+        does this once when it loads CLIP, for its training size, then resizes that grid to each input's."""
+        v = self.visual
+        owner = v if self.arch == "vit" else v.attnpool
+        grid = (size // self.stride,) * 2
+        old = owner.positional_embedding
+        resized = resize_grid_embedding(old.detach(), grid, how=how).clone()
+        owner.positional_embedding = nn.Parameter(resized, requires_grad=old.requires_grad)
+        v.image_size = (size, size) if isinstance(v.image_size, (tuple, list)) else size
+        if self.arch == "vit":
+            v.grid_size = grid
+
     # ------------------------------------------------------------------------------ ViT internals
-    def _vit_embed(self, images: torch.Tensor, pos_resize: str = "size") -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after ln_pre, and the grid (h, w)."""
+    def _vit_embed(self, images: torch.Tensor, pos_resize: str = "size", class_embedding_twice: bool = False
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after ln_pre, and the grid (h, w).
+
+        class_embedding_twice: the class token is class_embedding + (positional_embedding[0] + class_embedding), as
+        DenseCLIP's CLIPVisionTransformer computes it (a quirk its released ViT checkpoints were trained with)."""
         v = self.visual
         x = v.conv1(images)
         grid = tuple(x.shape[-2:])
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + resize_grid_embedding(v.positional_embedding, grid, how=pos_resize).to(x.dtype)
+        pos = resize_grid_embedding(v.positional_embedding, grid, how=pos_resize).to(x.dtype)
+        if class_embedding_twice:
+            pos = torch.cat([pos[:1] + v.class_embedding.to(x.dtype), pos[1:]])
+        x = torch.cat([cls, x], dim=1) + pos
         return v.ln_pre(v.patch_dropout(x)), grid
 
-    def _vit_maps(self, images: torch.Tensor, indices: list[int], run_all: bool
-                  ) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]:
+    def _vit_maps(self, images: torch.Tensor, indices: list[int], run_all: bool, pos_resize: str = "size",
+                  class_embedding_twice: bool = False) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]:
         """Block outputs at `indices` as maps (B, width, h, w), the last tokens computed (B, N, width) and the
-        grid; blocks after the last wanted one run only with `run_all`."""
-        x, grid = self._vit_embed(images)
+        grid; blocks after the last wanted one run only with `run_all`. pos_resize, class_embedding_twice: as in
+        `_vit_embed`."""
+        x, grid = self._vit_embed(images, pos_resize, class_embedding_twice)
         blocks = self.visual.transformer.resblocks
         wanted = {i % len(blocks) for i in indices}
         outputs = {}
@@ -365,15 +393,17 @@ class CLIPBackbone(nn.Module):
             stages.append(x)
         return stages
 
-    def _attention_pool(self, x: torch.Tensor, global_only: bool = False) -> torch.Tensor:
+    def _attention_pool(self, x: torch.Tensor, global_only: bool = False, pos_resize: str = "size") -> torch.Tensor:
         """CLIP's attention pool with every location as a query: (B, C, h, w) -> (B, 1 + h*w, D), token 0 global.
 
         global_only: only the global query (the mean token), as CLIP itself: -> (B, 1, D).
+        pos_resize: how the positional embedding reaches (h, w), as in POS_RESIZE.
         """
         pool = self.visual.attnpool
         tokens = x.flatten(2).permute(2, 0, 1)  # (h*w, B, C)
         tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)
-        tokens = tokens + resize_grid_embedding(pool.positional_embedding, tuple(x.shape[-2:]))[:, None].to(x.dtype)
+        pos = resize_grid_embedding(pool.positional_embedding, tuple(x.shape[-2:]), how=pos_resize)
+        tokens = tokens + pos[:, None].to(x.dtype)
         out, _ = F.multi_head_attention_forward(
             query=tokens[:1] if global_only else tokens, key=tokens, value=tokens, embed_dim_to_check=tokens.shape[-1],
             num_heads=pool.num_heads, q_proj_weight=pool.q_proj.weight, k_proj_weight=pool.k_proj.weight,

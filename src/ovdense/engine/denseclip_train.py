@@ -10,7 +10,7 @@ import torch
 from ..backbones import load_clip
 from ..data.transforms import AugmentedSegmentation, SegmentationAugment
 from ..errors import InputError
-from ..methods.denseclip import DenseCLIP
+from ..methods.denseclip import PYRAMID_LAYOUTS, DenseCLIP
 from . import checks
 from .checks import within
 from .recipe import (TrainSection, check_clip, check_dataset_keys, check_eval, check_export, check_synthesize,
@@ -28,7 +28,8 @@ class DenseCLIPRecipe(TrainSection):
     """A DenseCLIP training recipe (YAML).
 
     model, weights: the CLIP it starts from. method: DenseCLIP constructor arguments (class_names
-        default to the training dataset's). data: dataset, root, split, optional synthesize (see
+        default to the training dataset's; the official recipes set train_size to the crop and loss_average
+        'all'). data: dataset, root, split, optional synthesize (see
         TCLRecipe) and `augment` (SegmentationAugment fields); paths relative to the current directory.
         train: TrainConfig fields; the paper uses lr_mult {'denseclip.backbone': 0.1} (the text tower is
         frozen anyway); train.seed also draws the new layers' initial weights.
@@ -56,8 +57,14 @@ class DenseCLIPRecipe(TrainSection):
                 raise InputError("inference: the baseline (language_guidance: false) has no score map; use 'head'")
             for key in _POSITIVE_INTEGERS:
                 checks.integer(key, method.get(key, 1), minimum=1)
+            checks.choice("loss_average", method.get("loss_average", "valid"), ("valid", "all"))
+            checks.choice("pyramid", method.get("pyramid", "official"), PYRAMID_LAYOUTS)
             checks.number("tau", method.get("tau", 0.07), positive=True)
             checks.number("aux_weight", method.get("aux_weight", 0.4), minimum=0)
+            if method.get("train_size") is not None:
+                checks.integer("train_size", method["train_size"], minimum=1)
+            for key in ("language_guidance", "class_embedding_twice", "text_tower_in_file"):
+                checks.boolean(key, method.get(key, False))
             names = method.get("class_names")
             if names is not None:
                 if not isinstance(names, list) or not names:

@@ -9,6 +9,13 @@ pixel-text score map (K channels) is concatenated to a backbone level, a Semanti
 auxiliary cross-entropy on score_map / tau (0.07) supervises the score map directly.
 With `language_guidance=False` the same network without text is the paper's baseline (CLIP init + FPN).
 
+It computes what the authors' code (raoyongming/DenseCLIP, segmentation/denseclip) computes, module names
+included (`ovdense.convert.denseclip` reads their checkpoints): positional embeddings resized bilinearly (to
+the training grid once, then to each input's), ViT blocks [3, 5, 7, 11] made strides 4-32 by fpn1-fpn4 (each
+starting with GroupNorm), 8 context tokens before 5 name tokens, a 3-layer pre-norm context decoder, mmseg's FPN
+and FPNHead. Where the official code has a quirk (the ViT's class embedding added twice, mmseg's loss averaged
+over ignored pixels too) the official behaviour is an option, off for new training.
+
 The FPN head classifies into the K training classes. At inference a vocabulary is mapped onto them by
 name (`inference='head'`, classes outside training are never predicted) or scored open-vocabulary by
 the score map of any names (`inference='score_map'`).
@@ -31,7 +38,21 @@ from ..presets import Protocol
 from .base import DenseMethod
 
 UNKNOWN_CLASS_LOGIT = -1e4  # the head's logit for a name outside its training classes: never the argmax
+TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")  # CLIP's
 logger = logging.getLogger(__name__)
+
+
+def _name_key(name: str) -> str:
+    """A class name without case and spaces."""
+    return "".join(name.split()).lower()
+
+
+def _name_lookup(class_names: list[str]) -> dict[str, int]:
+    """Class index by exact name, and by `_name_key` where that is unambiguous: the dataset list 'chestofdrawers'
+    (ovdense's ade150, SCLIP's) reaches the head's 'chest of drawers' (mmseg's, which DenseCLIP was trained on)."""
+    keys = [_name_key(name) for name in class_names]
+    lookup = {key: i for i, key in enumerate(keys) if keys.count(key) == 1}
+    return {**lookup, **{name: i for i, name in enumerate(class_names)}}
 
 
 # ------------------------------------------------------------------------------------- prompting
@@ -72,44 +93,49 @@ class ContextPromptEncoder(nn.Module):
 
 
 class _Attention(nn.Module):
+    """DenseCLIP's `Attention`: queries (B, N, dim) attend to memory (B, M, dim); q/k/v projections without bias,
+    then `proj` and dropout -> (B, N, dim)."""
+
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
-        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
-        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         q, k, v = (proj(t).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-                   for proj, t in ((self.q, x), (self.k, memory), (self.v, memory)))
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+                   for proj, t in ((self.q_proj, x), (self.k_proj, memory), (self.v_proj, memory)))
+        return self.proj_drop(self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)))
 
 
 class _DecoderLayer(nn.Module):
-    """Pre-norm transformer decoder layer: self-attention, cross-attention to memory, MLP."""
+    """DenseCLIP's `TransformerDecoderLayer` (pre-norm): self-attention, cross-attention to memory, MLP (GELU)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.self_attn, self.cross_attn = _Attention(dim, heads, dropout), _Attention(dim, heads, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim),
-                                 nn.Dropout(dropout))
+        self.dropout = nn.Dropout(dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
         x = x + self.self_attn(y, y)
         x = x + self.cross_attn(self.norm2(x), memory)
-        return x + self.mlp(self.norm3(x))
+        return x + self.dropout(self.mlp(self.norm3(x)))
 
 
 class ContextDecoder(nn.Module):
-    """Queries (B, K, query_dim) attend to visual context (B, N, visual_dim) -> (B, K, out_dim)."""
+    """DenseCLIP's `ContextDecoder`: queries (B, K, query_dim) attend to visual context (B, N, visual_dim) ->
+    (B, K, out_dim). Linear weights start truncated-normal (std 0.02), biases 0."""
 
     def __init__(self, query_dim: int, visual_dim: int, out_dim: int, width: int = 256, heads: int = 4,
                  layers: int = 3, dropout: float = 0.1):
         super().__init__()
         self.memory_proj = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, width), nn.LayerNorm(width))
-        self.query_proj = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, width))
-        self.layers = nn.ModuleList(_DecoderLayer(width, heads, dropout) for _ in range(layers))
+        self.text_proj = nn.Sequential(nn.LayerNorm(query_dim), nn.Linear(query_dim, width))
+        self.decoder = nn.ModuleList(_DecoderLayer(width, heads, dropout) for _ in range(layers))
         self.out_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, out_dim))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -119,53 +145,84 @@ class ContextDecoder(nn.Module):
 
     def forward(self, queries: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         memory = self.memory_proj(visual)
-        x = self.query_proj(queries)
-        for layer in self.layers:
+        x = self.text_proj(queries)
+        for layer in self.decoder:
             x = layer(x, memory)
         return self.out_proj(x)
 
 
 # ----------------------------------------------------------------------------------- Semantic FPN
-def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+def _conv_module(in_channels: int, out_channels: int) -> nn.Sequential:
+    """mmcv's ConvModule as FPNHead builds it: 3x3 conv (no bias), BatchNorm, ReLU; Kaiming-normal (fan_out)."""
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels), activate=nn.ReLU(inplace=True)))
 
 
 class SemanticFPN(nn.Module):
-    """FPN neck (torchvision) + Semantic FPN head (Kirillov et al.): levels (B, C_i, h_i, w_i) with strides
-    doubling from the finest -> logits (B, classes, h_0, w_0). Level i reaches the finest size through
-    max(1, i) conv-BN-ReLU blocks, each followed by a 2x upsampling when i > 0; the levels are summed."""
+    """mmseg's FPN neck (1x1 laterals, nearest top-down, 3x3 outputs; torchvision's FeaturePyramidNetwork computes
+    the same) + FPNHead (Kirillov et al.): levels (B, C_i, h_i, w_i) with strides doubling from the finest ->
+    logits (B, classes, h_0, w_0). Level i passes max(1, i) conv modules, each followed by a 2x bilinear upsampling
+    when i > 0; the levels are summed (bilinear, align_corners=False), then dropout and a 1x1 classifier.
+    Initialised as mmseg: Xavier-uniform neck, Kaiming scale heads, classifier normal (std 0.01)."""
 
     def __init__(self, in_channels: list[int], classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__()
         self.neck = FeaturePyramidNetwork(in_channels, channels)
-        self.scales = nn.ModuleList()
+        for module in self.neck.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.scale_heads = nn.ModuleList()
         for i in range(len(in_channels)):
             blocks = []
             for _ in range(max(1, i)):
-                blocks.append(_conv_bn_relu(channels, channels))
+                blocks.append(_conv_module(channels, channels))
                 if i > 0:
                     blocks.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.scales.append(nn.Sequential(*blocks))
-        self.classifier = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, classes, 1))
+            self.scale_heads.append(nn.Sequential(*blocks))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, classes, 1)
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        pyramid = self.neck(OrderedDict((str(i), x) for i, x in enumerate(levels))).values()
-        size = levels[0].shape[-2:]
-        out = sum(F.interpolate(scale(x), size=size, mode="bilinear", align_corners=False)
-                  for scale, x in zip(self.scales, pyramid))
-        return self.classifier(out)
+        pyramid = list(self.neck(OrderedDict((str(i), x) for i, x in enumerate(levels))).values())
+        out = self.scale_heads[0](pyramid[0])
+        for head, x in zip(self.scale_heads[1:], pyramid[1:]):
+            out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return self.conv_seg(self.dropout(out))
+
+
+PYRAMID_LAYOUTS = ("official", "grid")
 
 
 class ViTPyramid(nn.Module):
-    """Turns four same-stride ViT maps into strides /4, /2, x1, x2 of the patch grid (4x up, 2x up, same, 2x down)."""
+    """DenseCLIP's fpn1-fpn4 (CLIPVisionTransformer): four same-stride ViT maps (B, width, h, w) -> four levels, each
+    op starting with GroupNorm(1, width). Patch 16: 4x up (ConvT, BN, GELU, ConvT), 2x up (ConvT), as is, 2x
+    max-pool: strides 4, 8, 16 and 32 pixels. Patch 8, layout 'official': 2x up (ConvT), as is, 2x and 4x max-pool,
+    strides 4-32 again; layout 'grid': patch 16's ops whatever the patch (strides 2-16 for patch 8: finer maps for
+    small images, ovdense's choice for its 96 px synthetic world).
 
-    def __init__(self, width: int):
+    grid_level: the level at the patch grid's stride; min_patches: the fewest patches a side the pooling needs.
+    """
+
+    def __init__(self, width: int, patch: int, layout: str = "official"):
         super().__init__()
-        self.ops = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(width, width, 2, 2), nn.BatchNorm2d(width), nn.GELU(),
-                          nn.ConvTranspose2d(width, width, 2, 2)),
-            nn.ConvTranspose2d(width, width, 2, 2), nn.Identity(), nn.MaxPool2d(2)])
+        def norm():
+            return nn.GroupNorm(1, width)
+
+        def up():
+            return nn.ConvTranspose2d(width, width, 2, 2)
+        if patch == 8 and layout == "official":
+            ops = [nn.Sequential(norm(), up()), norm(), nn.Sequential(norm(), nn.MaxPool2d(2)),
+                   nn.Sequential(norm(), nn.MaxPool2d(4))]
+            self.grid_level, self.min_patches = 1, 4
+        else:
+            ops = [nn.Sequential(norm(), up(), nn.BatchNorm2d(width), nn.GELU(), up()), nn.Sequential(norm(), up()),
+                   norm(), nn.Sequential(norm(), nn.MaxPool2d(2))]
+            self.grid_level, self.min_patches = 2, 2
+        self.ops = nn.ModuleList(ops)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         return [op(x) for op, x in zip(self.ops, maps)]
@@ -184,52 +241,82 @@ class PromptedText:
 
 
 class DenseCLIP(DenseMethod):
-    """DenseCLIP (or, with language_guidance=False, its CLIP + Semantic FPN baseline) over a CLIP backbone.
+    """DenseCLIP (or, with language_guidance=False, its CLIP + Semantic FPN baseline) over a CLIP backbone, which it
+    owns: its image tower is fine-tuned in place (and, with train_size, its positional embedding resized).
 
     class_names: the K training classes. prompting: 'post' or 'pre' (vision-to-language prompting).
-    levels: backbone levels fed to the FPN (ResNet stages 0..3; ViT blocks, 4 of them).
-    score_level: the level the score map is concatenated to (3 for ResNet, 2 for ViT in the paper).
+    levels: backbone levels fed to the FPN (ResNet stages 0..3; ViT blocks, 4 of them: [3, 5, 7, 11] for 12 blocks,
+        the blocks ending the 2nd, 3rd, 4th and 6th sixth of any depth).
+    score_level: the level the score map is concatenated to (default: 3 for ResNet, the patch grid's for ViT: 2 with
+        patch 16, as the paper).
+    pyramid: ViT only, how blocks become levels: 'official' (the authors' fpn1-fpn4 for the patch size) or 'grid'
+        (patch 16's ops for any patch), see ViTPyramid.
+    train_size: the side of the training crops: the positional embeddings are resized bilinearly to their grid once,
+        here, as the official code does when it loads CLIP (None: keep CLIP's grid). At every forward that grid is
+        resized bilinearly to the input's (both towers' official behaviour).
+    class_embedding_twice: ViT only: add class_embedding to the class token twice, as the official ViT does; its
+        released checkpoints need it (a quirk: new training keeps the default False).
+    loss_average: 'valid' averages each cross-entropy over the labelled pixels (PyTorch's); 'all' over all pixels,
+        ignored ones counting 0 (mmseg < 0.23, which the official models were trained with).
+    text_tower_in_file: `save` writes the frozen text tower too, so the file needs no CLIP download (converted
+        official models, whose files hold it).
     """
 
     name = "denseclip"
     scores = "logits"
-    min_crop_patches = 2  # the ViT pyramid's 2x2 max-pool needs two patches a side
 
     def __init__(self, backbone: CLIPBackbone, class_names: list[str], language_guidance: bool = True,
                  prompting: str = "post", context_tokens: int = 8, name_length: int = 5, decoder_width: int = 256,
                  decoder_heads: int = 4, decoder_layers: int = 3, fpn_channels: int = 256, tau: float = 0.07,
                  aux_weight: float = 0.4, gamma_init: float = 1e-4, levels: list[int] | None = None,
-                 score_level: int | None = None, inference: str = "head"):
+                 score_level: int | None = None, inference: str = "head", train_size: int | None = None,
+                 class_embedding_twice: bool = False, loss_average: str = "valid", text_tower_in_file: bool = False,
+                 pyramid: str = "official"):
         super().__init__(backbone)
         if prompting not in ("post", "pre") or inference not in ("head", "score_map"):
             raise ValueError("prompting is 'post' or 'pre'; inference is 'head' or 'score_map'")
+        if loss_average not in ("valid", "all") or pyramid not in PYRAMID_LAYOUTS:
+            raise ValueError("loss_average is 'valid' or 'all'; pyramid is 'official' or 'grid'")
         if not class_names or len(set(class_names)) != len(class_names):
             raise ValueError("DenseCLIP needs a non-empty list of distinct training class names")
         if inference == "score_map" and not language_guidance:
             raise ValueError("the baseline has no score map; use inference='head'")
         vit = backbone.arch == "vit"
-        if levels is None:
-            depth = len(backbone.visual.transformer.resblocks) if vit else 4
-            levels = [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1] if vit else [0, 1, 2, 3]
-        score_level = (2 if vit else 3) if score_level is None else score_level
+        if class_embedding_twice and not vit:
+            raise ValueError("class_embedding_twice applies to ViT backbones only")
+        if vit:
+            depth = len(backbone.visual.transformer.resblocks)
+            levels = [(depth * k + 3) // 6 - 1 for k in (2, 3, 4, 6)] if levels is None else levels
+            self.pyramid = ViTPyramid(backbone.visual.conv1.out_channels, backbone.stride, pyramid)
+            score_level = self.pyramid.grid_level if score_level is None else score_level
+            self.min_crop_patches = self.pyramid.min_patches
+        else:
+            levels = [0, 1, 2, 3] if levels is None else levels
+            self.pyramid = nn.Identity()
+            score_level = 3 if score_level is None else score_level
         self.config = {"class_names": list(class_names), "language_guidance": language_guidance,
                        "prompting": prompting, "context_tokens": context_tokens, "name_length": name_length,
                        "decoder_width": decoder_width, "decoder_heads": decoder_heads,
                        "decoder_layers": decoder_layers, "fpn_channels": fpn_channels, "tau": tau,
                        "aux_weight": aux_weight, "gamma_init": gamma_init, "levels": levels,
-                       "score_level": score_level, "inference": inference}
+                       "score_level": score_level, "inference": inference, "train_size": train_size,
+                       "class_embedding_twice": class_embedding_twice, "loss_average": loss_average,
+                       "text_tower_in_file": text_tower_in_file, "pyramid": pyramid}
         self.class_names, self.language_guidance, self.prompting = list(class_names), language_guidance, prompting
         self.levels, self.score_level, self.tau, self.aux_weight = levels, score_level, tau, aux_weight
-        self.inference = inference
+        self.inference, self.class_embedding_twice, self.loss_average = inference, class_embedding_twice, loss_average
+        self._head_index = _name_lookup(self.class_names)
+        if train_size is not None:
+            backbone.resize_position_grid(train_size, how="bilinear")
         backbone.requires_grad_(False)
         backbone.visual.requires_grad_(True)  # the image encoder is fine-tuned, the text encoder frozen
 
         with torch.no_grad():  # the sizes of the levels, from a probe image (eval mode: BN statistics untouched)
             was_training = backbone.training
-            maps, _, dense = backbone.eval().image_pyramid(torch.zeros(1, 3, 64, 64, device=backbone.device), levels)
+            probe = torch.zeros(1, 3, 64, 64, device=backbone.device)
+            maps, _, dense = backbone.eval().image_pyramid(probe, levels)
             backbone.train(was_training)
         channels = [m.shape[1] for m in maps]
-        self.pyramid = ViTPyramid(channels[0]) if vit else nn.Identity()
         embed_dim = dense.shape[1]
         classes = len(class_names)
         if language_guidance:
@@ -246,6 +333,11 @@ class DenseCLIP(DenseMethod):
             channels[score_level] += classes
         self.decoder = SemanticFPN(channels, classes, fpn_channels)
 
+    @property
+    def saved_prefixes(self) -> tuple[str, ...]:
+        """The frozen text tower, when the file is to hold it (text_tower_in_file)."""
+        return tuple(f"backbone.model.{part}" for part in TEXT_TOWER) if self.config["text_tower_in_file"] else ()
+
     def train(self, mode: bool = True) -> "DenseCLIP":
         super().train(mode)
         if self.language_guidance:  # the frozen text tower stays in eval mode
@@ -257,7 +349,8 @@ class DenseCLIP(DenseMethod):
     # --------------------------------------------------------------------------------- forward
     def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {'level0'..'level3': maps, 'global': (B, D), 'dense': (B, D, h, w)}."""
-        maps, global_embedding, dense = self.backbone.image_pyramid(images, self.levels)
+        maps, global_embedding, dense = self.backbone.image_pyramid(images, self.levels, pos_resize="bilinear",
+                                                                    class_embedding_twice=self.class_embedding_twice)
         out = {f"level{i}": m.float() for i, m in enumerate(maps)}
         return {**out, "global": global_embedding.float(), "dense": dense.float()}
 
@@ -287,21 +380,30 @@ class DenseCLIP(DenseMethod):
         return out
 
     def losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-entropy of the FPN logits and (weighted `aux_weight`) of score_map / tau; labels (B, H, W), 255 ignored."""
+        """Cross-entropy of the FPN logits and (weighted `aux_weight`: the official identity head) of score_map / tau,
+        both resized bilinearly to the labels (B, H, W), 255 ignored, averaged as `loss_average` says."""
         out = self(images)
         size = labels.shape[-2:]
         up = F.interpolate(out["logits"], size=size, mode="bilinear", align_corners=False)
-        losses = {"decode_loss": F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)}
+        losses = {"decode_loss": self._cross_entropy(up, labels)}
         if self.language_guidance:
             scores = F.interpolate(out["score_map"] / self.tau, size=size, mode="bilinear", align_corners=False)
-            losses["aux_loss"] = self.aux_weight * F.cross_entropy(scores, labels, ignore_index=IGNORE_INDEX)
+            losses["aux_loss"] = self.aux_weight * self._cross_entropy(scores, labels)
         losses["loss"] = sum(losses.values())
         return losses
 
+    def _cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) logits, (B, H, W) labels -> the mean cross-entropy over the valid pixels or all of them."""
+        if self.loss_average == "valid":
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
+
     # ------------------------------------------------------------------------------- inference
     def embed_text(self, queries: list[str], templates=None, cache=None) -> PromptedText:
-        """Queries -> their tokens and training-class indices (templates and cache do not apply: prompts are learned)."""
-        index = torch.tensor([self.class_names.index(q) if q in self.class_names else -1 for q in queries])
+        """Queries -> their tokens and training-class indices (templates and cache do not apply: prompts are learned).
+
+        A query names a training class exactly or up to case and spaces (see `_name_lookup`)."""
+        index = torch.tensor([self._head_index.get(q, self._head_index.get(_name_key(q), -1)) for q in queries])
         if self.inference == "head":
             if (index < 0).all():
                 raise InputError(f"none of {queries[:5]} is a class this DenseCLIP was trained on "
