@@ -192,3 +192,30 @@ def test_prompts_fill_the_text_encoders_real_budget(shipped_glip):
         assert used <= detector.max_tokens < longer  # full: one more name would not fit
     assert len(detector.text.tokenize([class_prompt([names[k] for k in chunks[0]]).caption]).ids[0]) \
         <= detector.max_tokens
+
+
+def test_convert_checks_its_options_and_hands_the_files_to_the_repositorys_converter(tmp_path, capsys, monkeypatch):
+    import ovdense.convert.regionclip as regionclip
+    released = tmp_path / "regionclip_finetuned-coco_rn50.pth"
+    released.write_bytes(b"x")
+    out = tmp_path / "out.safetensors"
+    code, captured = _run(["convert", "tcl", str(tmp_path / "missing.pth"), "--output", str(out)], capsys)
+    assert code == 1 and "missing.pth does not exist" in captured.err and "ovdense models" in captured.err
+    code, captured = _run(["convert", "tcl", str(released), "--output", str(tmp_path / "out.pt")], capsys)
+    assert code == 2 and ".safetensors" in captured.err
+    code, captured = _run(["convert", "tcl", str(released), "--output", str(out), "--ema"], capsys)
+    assert code == 2 and "--ema does not apply to `convert tcl`" in captured.err
+    seen = {}
+
+    def fake(paths, output, **options):  # stands for the converter: writes CLIP weights, not a method file
+        seen.update(paths=paths, output=output, options=options)
+        from safetensors.torch import save_file
+        import torch
+        save_file({"w": torch.zeros(1)}, str(output))
+        return output
+    monkeypatch.setattr(regionclip, "convert", fake)
+    code, captured = _run(["convert", "regionclip", str(released), "--output", str(out), "--classes", "ov_coco65",
+                           "--text-weights", "openai"], capsys)
+    assert code == 0 and seen["paths"] == [str(released)] and seen["output"] == out
+    assert seen["options"] == {"class_names": "ov_coco65", "text_weights": "openai"}
+    assert "CLIP weights" in captured.out and "--model RN50" in captured.out
