@@ -219,3 +219,10 @@ def test_convert_checks_its_options_and_hands_the_files_to_the_repositorys_conve
     assert code == 0 and seen["paths"] == [str(released)] and seen["output"] == out
     assert seen["options"] == {"class_names": "ov_coco65", "text_weights": "openai"}
     assert "CLIP weights" in captured.out and "--model RN50" in captured.out
+    import ovdense.convert.glip as glip
+    monkeypatch.setattr(glip, "convert", fake)
+    code, captured = _run(["convert", "glip", str(released), "--output", str(out), "--preset", "glip-lvis", "--ema"],
+                          capsys)
+    assert code == 0 and seen["options"] == {"ema": True, "preset": "glip-lvis"}
+    code, captured = _run(["convert", "glip", str(released), "--output", str(out), "--classes", "a"], capsys)
+    assert code == 2 and "--classes does not apply to `convert glip`" in captured.err

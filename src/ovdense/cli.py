@@ -163,9 +163,8 @@ def _complete_model_flags(args) -> None:
             raise UsageError(f"--model {args.model}: no pretrained weights are known for it; give --weights (an open_clip "
                              "tag, a checkpoint file or 'random'); `ovdense models` lists architectures and their tags")
         args.weights = tags[0]
-    shipped = demo.shipped_method(getattr(args, "method", None))
-    if args.method in TRAINED_METHODS and (args.model, args.weights) == (SHIPPED_MODEL, "synthetic") and shipped:
-        args.checkpoint = str(shipped.checkpoint)
+    if args.method in TRAINED_METHODS and (args.model, args.weights) == (SHIPPED_MODEL, "synthetic"):
+        args.checkpoint = str(demo.shipped_method(args.method).checkpoint)
 
 
 def _describe(predictor) -> dict:
@@ -793,7 +792,7 @@ def cmd_train(args) -> int:
 
 
 CONVERTED = ("tcl", "denseclip", "regionclip", "glip")  # the official repositories `ovdense convert` reads
-CONVERT_OPTIONS = {"glip": ("ema", "text_source"), "regionclip": ("class_names", "text_weights", "model", "preset")}
+CONVERT_OPTIONS = {"glip": ("ema", "text_source", "preset"), "regionclip": ("class_names", "text_weights", "model", "preset")}
 
 
 def cmd_convert(args) -> int:
@@ -1033,8 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "the file has no embedding for, loaded only then (default: openai)")
     conv.add_argument("--model", help="regionclip: the open_clip architecture (default: RN50 or RN50x4, read from "
                                       "the file)")
-    conv.add_argument("--preset", choices=DETECTION_PRESETS, help="regionclip: the preset the file records "
-                                                                  "(default: ov-coco for a C4 RPN, lvis for FPN)")
+    conv.add_argument("--preset", choices=DETECTION_PRESETS, help="regionclip, glip: the preset the file records "
+                                                                  "(default: ov-coco for a C4 RPN, lvis for FPN; glip, "
+                                                                  "glip-lvis for an LVIS file)")
     conv.set_defaults(func=cmd_convert)
 
     models = sub.add_parser("models", help="list the authors' released models, the shipped ones and open_clip's "
