@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, deform_conv2d, generalized_box_iou_loss, stochastic_depth
+from torchvision.ops import FeaturePyramidNetwork, generalized_box_iou_loss, stochastic_depth
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from ..backbones import CLIPBackbone
 from ..errors import InputError
 from ..detection import atss
+from ..ops.deform_conv import deform_conv2d
 from ..text.tokens import BertTokenText, CLIPTokenText, TokenizedText
 from .base import NO_CLIP, TrainedModel
 from .regionclip import freeze_resnet_tower
@@ -321,6 +322,11 @@ class BiAttention(nn.Module):
 
     Image queries attend over the text tokens (padding masked); text queries attend over all image positions
     (no mask, as the official code). Logits are clamped to +-50000; the text side subtracts its row maximum first.
+
+    Computed in a folded, exactly equal form: the image positions are never projected to the fusion width (2048 in
+    GLIP-T). Per head h, q_h k_h^T = v (Wq_h^T k_h^T) + bq_h k_h^T, so the keys are folded into the query weights
+    (v_dim x heads*T); the image-side output sum_h P_h (values_l)_h Wout_h^T folds the values into the output
+    weights (heads*T x v_dim); the text side multiplies its attention by v before the value projection.
     """
 
     def __init__(self, v_dim: int, l_dim: int, embed_dim: int, heads: int, dropout: float = 0.1):
@@ -336,22 +342,32 @@ class BiAttention(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)  # (B, H, N, d)
-
     def forward(self, v: torch.Tensor, l: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """v (B, N, v_dim) image positions, l (B, T, l_dim) tokens, text_mask (B, T) bool -> updates (dv, dl)."""
-        q = self._heads(self.v_proj(v))
-        q = q * q.shape[-1] ** -0.5
-        logits = clamp(q @ self._heads(self.l_proj(l)).transpose(-1, -2))  # (B, H, N, T)
-        text_side = logits.transpose(-1, -2)
-        text_side = clamp(text_side - text_side.amax(dim=-1, keepdim=True)).softmax(dim=-1)  # over positions
+        batch, tokens, heads = l.shape[0], l.shape[1], self.heads
+        head_dim = self.v_proj.out_features // heads
+        scale = head_dim ** -0.5
+        keys = self.l_proj(l).reshape(batch, tokens, heads, head_dim) * scale  # (B, T, H, d)
+        query_weight = self.v_proj.weight.reshape(heads, head_dim, -1)  # (H, d, v_dim)
+        folded = torch.einsum("bthd,hdc->bcht", keys, query_weight).flatten(2)  # (B, v_dim, H*T)
+        offset = torch.einsum("bthd,hd->bht", keys, self.v_proj.bias.reshape(heads, head_dim)).flatten(1)
+        logits = clamp(torch.baddbmm(offset[:, None], v, folded)).reshape(batch, -1, heads, tokens)  # (B, N, H, T)
+
         image_side = logits.masked_fill(~text_mask[:, None, None, :], -9e15).softmax(dim=-1)  # over tokens
         image_side = F.dropout(image_side, self.dropout, self.training)
-        text_side = F.dropout(text_side, self.dropout, self.training)
-        dv = (image_side @ self._heads(self.values_l_proj(l))).transpose(1, 2).flatten(2)
-        dl = (text_side @ self._heads(self.values_v_proj(v))).transpose(1, 2).flatten(2)
-        return self.out_v_proj(dv), self.out_l_proj(dl)
+        values = self.values_l_proj(l).reshape(batch, tokens, heads, head_dim)
+        out_weight = self.out_v_proj.weight.reshape(-1, heads, head_dim)  # (v_dim, H, d)
+        value_out = torch.einsum("bthd,chd->bhtc", values, out_weight).flatten(1, 2)  # (B, H*T, v_dim)
+        dv = torch.baddbmm(self.out_v_proj.bias, image_side.flatten(2), value_out)
+
+        text_side = clamp(logits - logits.amax(dim=1, keepdim=True)).softmax(dim=1)  # over positions
+        text_side = F.dropout(text_side, self.dropout, self.training).flatten(2)  # (B, N, H*T)
+        attended = (text_side.transpose(1, 2) @ v).reshape(batch, heads, tokens, -1)  # (B, H, T, v_dim)
+        value_weight = self.values_v_proj.weight.reshape(heads, head_dim, -1)  # (H, d, v_dim)
+        dl = torch.einsum("bhtc,hdc->bthd", attended, value_weight)
+        dl = dl + text_side.sum(dim=1).reshape(batch, heads, tokens).transpose(1, 2)[..., None] \
+            * self.values_v_proj.bias.reshape(heads, head_dim)  # each weight row's sum times the value bias
+        return dv, self.out_l_proj(dl.flatten(2))
 
 
 class FusionLayer(nn.Module):

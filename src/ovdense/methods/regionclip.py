@@ -91,7 +91,7 @@ class RegionEncoder(nn.Module):
         rois = roi_align(features, [b.to(features.dtype) for b in boxes], self.resolution, 1.0 / stride,
                          sampling_ratio=0, aligned=True)
         if self.clip.arch == "resnet":
-            return self.clip._attention_pool(self.clip.visual.layer4(rois), global_only=True)[:, 0]
+            return self.clip.global_attention_pool(self.clip.visual.layer4(rois))
         return rois.mean(dim=(2, 3))
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
