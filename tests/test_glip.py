@@ -448,3 +448,26 @@ def test_timms_imagenet_swin_weights_load_into_glips_swin_as_they_are(monkeypatc
     assert all(torch.equal(v, theirs[k]) for k, v in swin.state_dict().items())
     with pytest.raises(InputError, match="changed swin-t"):
         SwinPyramid("swin-t", pretrained=True, arch={"window": 12})
+
+
+def test_an_encoded_prompt_is_reused_in_inference_and_recomputed_after_a_weight_change(tiny_rn):
+    torch.manual_seed(0)
+    model = GLIPDetector(tiny_rn, **TINY).eval()
+    calls = []
+    original = model.text.forward
+    model.text.forward = lambda text: calls.append(1) or original(text)
+    text = model.tokenize(["heart. red star."])
+    levels = [torch.randn(1, 32, 16 // 2 ** i, 16 // 2 ** i) for i in range(5)]
+    with torch.no_grad():
+        first = model.head(levels, text)
+        again = model.head(levels, model.tokenize(["heart. red star."]))  # the same words, tokenized anew
+        assert len(calls) == 1
+        assert torch.equal(first["logits"], again["logits"])
+        model.head(levels, model.tokenize(["bar."]))
+        assert len(calls) == 2
+        next(model.text.parameters()).add_(0.5)  # e.g. an optimizer step or load_state_dict: a new text tower
+        changed = model.head(levels, text)
+    assert len(calls) == 3
+    assert not torch.equal(changed["logits"], first["logits"])
+    model.head(levels, text)  # gradients on: training never reads the cache
+    assert len(calls) == 4

@@ -104,8 +104,9 @@ class DetectionPredictor:
 class GroundingPredictor:
     """Detection and phrase grounding with a grounding detector (GLIP), one image at a time.
 
-    `set_image` runs the backbone and FPN once; `detect(vocabulary)` and `ground(caption)` then run the text encoder,
-    the fusion head and post-processing for each prompt (fusion mixes image and text, so that part cannot be cached).
+    `set_image` runs the backbone and FPN once; `detect(vocabulary)` and `ground(caption)` then run the text encoder
+    (its output is cached per prompt), the fusion head and post-processing for each prompt (fusion mixes image and
+    text, so that part cannot be cached).
     detector: a model with `image_mean` / `image_std`, `device`, `embed_image`, `tokenize`, `count_tokens`,
     `max_tokens` and `predict` (see `ovdense.methods.glip.GLIPDetector`).
     """

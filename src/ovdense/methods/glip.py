@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ CLAMP = 50000.0
 PRE_NMS_THRESHOLD = 0.05  # a phrase's score must pass this before centerness (ATSS.INFERENCE_TH)
 PRE_NMS_TOP_N = 1000  # candidates kept per level and image
 PROMPT_ROWS = 1000  # rows of the prompt-tuning table (GLIP's tunable_linear: Linear(768, 1000))
+CACHED_PROMPTS = 32  # encoded prompts kept for inference (they depend on the text only)
 
 
 def clamp(x: torch.Tensor) -> torch.Tensor:
@@ -601,6 +603,7 @@ class GLIPDetector(TrainedModel, nn.Module):
         self.bias0 = nn.Parameter(torch.tensor([-math.log((1 - PRIOR) / PRIOR)]))
         self.topk = topk
         self.prompt_table = None
+        self._encoded_prompts: OrderedDict = OrderedDict()
         if prompt_tuning:
             self.tune_prompts()
 
@@ -613,6 +616,7 @@ class GLIPDetector(TrainedModel, nn.Module):
 
     def train(self, mode: bool = True) -> "GLIPDetector":
         super().train(mode)
+        self._encoded_prompts.clear()
         if self.prompt_table is not None:  # GLIP runs the frozen head in eval mode (no dropout) when prompt-tuning
             for module in self.children():
                 module.eval()
@@ -665,13 +669,32 @@ class GLIPDetector(TrainedModel, nn.Module):
         """The number of tokens of `text` without the special ones."""
         return self.text.count_tokens(text)
 
+    def encode_text(self, text: TokenizedText) -> torch.Tensor:
+        """(B, T) tokenized prompts -> (B, T, width) token features (with the prompt-tuning table). In inference
+        (eval mode, no gradients) the last CACHED_PROMPTS are kept: they depend on the text and the text weights
+        only (a change of those weights, e.g. an optimizer step or `load_state_dict`, misses the cache)."""
+        if self.training or torch.is_grad_enabled():
+            return self._encode_text(text)
+        weights = [*self.text.parameters(), *([self.prompt_table] if self.prompt_table is not None else [])]
+        key = (text.ids.cpu().numpy().tobytes(), text.mask.cpu().numpy().tobytes(), tuple(text.ids.shape),
+               tuple((w.data_ptr(), w._version) for w in weights))  # the weights as they are now
+        if key in self._encoded_prompts:
+            self._encoded_prompts.move_to_end(key)
+        else:
+            self._encoded_prompts[key] = self._encode_text(text)
+            while len(self._encoded_prompts) > CACHED_PROMPTS:
+                self._encoded_prompts.popitem(last=False)
+        return self._encoded_prompts[key]
+
+    def _encode_text(self, text: TokenizedText) -> torch.Tensor:
+        tokens = self.text(text)  # (B, T, width)
+        return tokens if self.prompt_table is None else tokens + self.prompt_table[:tokens.shape[1]]
+
     def head(self, levels: list[torch.Tensor], text: TokenizedText) -> dict[str, torch.Tensor]:
         """FPN levels and a tokenized prompt per image -> {'logits': (B, A, T) token alignment logits, 'deltas':
         (B, A, 4), 'centerness': (B, A) logits, 'shapes': [(h_l, w_l)]}, anchors level by level, row-major."""
         mask = text.mask.to(self.device)
-        tokens = self.text(text)  # (B, T, width)
-        if self.prompt_table is not None:
-            tokens = tokens + self.prompt_table[:tokens.shape[1]]
+        tokens = self.encode_text(text)
         if self.fusion:
             for fusion, text_layer, conv in zip(self.fusion_layers, self.text_layers, self.conv_layers):
                 levels, tokens = fusion(levels, tokens, mask)
