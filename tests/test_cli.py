@@ -171,7 +171,7 @@ def test_shipped_weights_bring_their_preset_and_half_precision_runs(images, tmp_
     full = json.loads((out / "scene.json").read_text())
     assert full["protocol"]["name"] == "synthetic"  # recommended by the shipped weights, not the 448 px default
     labels = np.asarray(Image.open(out / "scene_labels.png"))
-    assert main([*args, "--half"]) == 0  # bf16 on this CPU
+    assert main([*args, "--half"]) == 0  # bf16 where this CPU runs it faster, else fp32
     assert (np.asarray(Image.open(out / "scene_labels.png")) == labels).mean() > 0.9
 
 
@@ -225,3 +225,17 @@ def test_help_does_not_import_torch():
     import sys
     code = "import sys\nfrom ovdense.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_half_precision_is_picked_per_device_by_measurement(monkeypatch, caplog):
+    import torch
+
+    from ovdense import device as devices
+    assert devices._cpu_bfloat16_time_ratio() > 0  # the real measurement runs
+    assert devices.half_precision(torch.device("cuda")) is torch.float16
+    monkeypatch.setattr(devices, "_cpu_bfloat16_time_ratio", lambda: 0.2)  # a CPU with bf16 matrix units
+    assert devices.half_precision(torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(devices, "_cpu_bfloat16_time_ratio", lambda: 5.0)  # one without: fp32, and a warning
+    with caplog.at_level("WARNING"):
+        assert devices.half_precision(torch.device("cpu")) is None
+    assert "5.0x the time of float32" in caplog.text and "staying in float32" in caplog.text
