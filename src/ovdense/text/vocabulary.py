@@ -1,25 +1,48 @@
 """Vocabularies: class names with synonyms, prompt templates, and a background class."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from ..errors import InputError
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-# Named prompt-template sets; each template has one '{}' for the class name.
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "imagenet80": tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
-    "single": ("a photo of a {}.",),
-    # RegionCLIP's 81 (clip_prompt_utils.get_prompt_templates): '{}.' and the 80 ImageNet ones
-    "regionclip81": ("{}.",) + tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES),
-    # TCL's evaluation templates ('custom' in kakaobrain/tcl datasets/templates.py)
-    "tcl": ("itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
-            "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of many {}.",
-            "a photo of {}s."),
-    "none": ("{}",),
-}
+@cache
+def _imagenet80() -> tuple[str, ...]:
+    """OpenAI's 80 ImageNet prompt templates, as open_clip ships them."""
+    # Imported at first use: open_clip's package imports transformers and torchvision (seconds).
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    return tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+class _TemplateSets(Mapping):
+    """Named prompt-template sets; each template has one '{}' for the class name."""
+
+    _SETS = {
+        "imagenet80": _imagenet80,
+        "single": lambda: ("a photo of a {}.",),
+        # RegionCLIP's 81 (clip_prompt_utils.get_prompt_templates): '{}.' and the 80 ImageNet ones
+        "regionclip81": lambda: ("{}.",) + _imagenet80(),
+        # TCL's evaluation templates ('custom' in kakaobrain/tcl datasets/templates.py)
+        "tcl": lambda: ("itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
+                        "a {} in a video game.", "art of the {}.", "a photo of the small {}.", "a photo of many {}.",
+                        "a photo of {}s."),
+        "none": lambda: ("{}",),
+    }
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return self._SETS[name]()
+
+    def __iter__(self):
+        return iter(self._SETS)
+
+    def __len__(self) -> int:
+        return len(self._SETS)
+
+
+TEMPLATE_SETS = _TemplateSets()
 
 BACKGROUND = "background"
 
