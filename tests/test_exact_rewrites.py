@@ -1,25 +1,13 @@
-"""The fast forms of the inference paths equal their straightforward forms (issue 24): GLIP's folded bi-attention,
-the CPU deformable convolution, CLIP's folded global attention pool, and soft-NMS."""
+"""The fast forms of the inference paths equal their straightforward forms (`ovdense.ops.straightforward`): GLIP's
+folded bi-attention, the CPU deformable convolution, CLIP's folded global attention pool."""
 import pytest
 import torch
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 from ovdense.backbones import load_clip
-from ovdense.methods.glip import BiAttention, clamp
+from ovdense.methods.glip import BiAttention
+from ovdense.ops import straightforward
 from ovdense.ops.deform_conv import deform_conv2d
-
-
-def straightforward_bi_attention(m: BiAttention, v, l, text_mask):
-    """microsoft/GLIP's BiMultiHeadAttention as written: both sides projected to the fusion width."""
-    heads = lambda x: x.reshape(x.shape[0], x.shape[1], m.heads, -1).transpose(1, 2)  # noqa: E731
-    q = heads(m.v_proj(v))
-    logits = clamp(q * q.shape[-1] ** -0.5 @ heads(m.l_proj(l)).transpose(-1, -2))  # (B, H, N, T)
-    text_side = logits.transpose(-1, -2)
-    text_side = clamp(text_side - text_side.amax(dim=-1, keepdim=True)).softmax(dim=-1)
-    image_side = logits.masked_fill(~text_mask[:, None, None, :], -9e15).softmax(dim=-1)
-    dv = (image_side @ heads(m.values_l_proj(l))).transpose(1, 2).flatten(2)
-    dl = (text_side @ heads(m.values_v_proj(v))).transpose(1, 2).flatten(2)
-    return m.out_v_proj(dv), m.out_l_proj(dl)
 
 
 def bi_attention_inputs(seed=0):
@@ -36,7 +24,7 @@ def bi_attention_inputs(seed=0):
 def test_folded_bi_attention_equals_glip_form():
     m, v, l, mask = bi_attention_inputs()
     with torch.no_grad():
-        for fast, slow in zip(m.eval()(v, l, mask), straightforward_bi_attention(m, v, l, mask)):
+        for fast, slow in zip(m.eval()(v, l, mask), straightforward.bi_attention(m, v, l, mask)):
             assert fast.shape == slow.shape
             assert (fast - slow).abs().max() <= 1e-4 * max(1.0, float(slow.abs().max()))
 
@@ -48,7 +36,7 @@ def test_folded_bi_attention_gradients_equal_glip_form():
     l.requires_grad_(True)
     inputs = [v, l, *m.parameters()]
     fast = torch.autograd.grad(sum((o ** 2).sum() for o in m(v, l, mask)), inputs)
-    slow = torch.autograd.grad(sum((o ** 2).sum() for o in straightforward_bi_attention(m, v, l, mask)), inputs)
+    slow = torch.autograd.grad(sum((o ** 2).sum() for o in straightforward.bi_attention(m, v, l, mask)), inputs)
     for a, b in zip(fast, slow):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, float(b.abs().max()))
 
@@ -99,6 +87,17 @@ def test_global_attention_pool_equals_every_query_pool():
         torch.nn.init.normal_(p, 0, 0.05)
     x = torch.randn(3, 2048, 7, 7)
     with torch.no_grad():
-        fast, slow = clip.global_attention_pool(x), clip._attention_pool(x)[:, 0]
+        fast, slow = clip.global_attention_pool(x), straightforward.global_attention_pool(clip, x)
+        every_query = clip._attention_pool(x)[:, 0]  # the dense pool's token 0 is the same query
     assert fast.shape == slow.shape == (3, clip.embed_dim)
     assert (fast - slow).abs().max() <= 1e-4 * max(1.0, float(slow.abs().max()))
+    assert (every_query - slow).abs().max() <= 1e-4 * max(1.0, float(slow.abs().max()))
+
+
+def test_straightforward_forms_swap_in_and_back(tiny_rn):
+    from ovdense.methods import glip
+    fast = glip.BiAttention.forward, glip.deform_conv2d, type(tiny_rn).global_attention_pool
+    with straightforward.straightforward_forms():
+        assert glip.BiAttention.forward is straightforward.bi_attention
+        assert glip.deform_conv2d is torchvision_deform_conv2d
+    assert (glip.BiAttention.forward, glip.deform_conv2d, type(tiny_rn).global_attention_pool) == fast

@@ -672,12 +672,13 @@ class GLIPDetector(TrainedModel, nn.Module):
     def encode_text(self, text: TokenizedText) -> torch.Tensor:
         """(B, T) tokenized prompts -> (B, T, width) token features (with the prompt-tuning table). In inference
         (eval mode, no gradients) the last CACHED_PROMPTS are kept: they depend on the text and the text weights
-        only (a change of those weights, e.g. an optimizer step or `load_state_dict`, misses the cache)."""
+        only (a change of those weights, e.g. an optimizer step or `load_state_dict`, misses the cache; weights made
+        under `torch.inference_mode` keep no version count: changed in place, call `train()` to clear it)."""
         if self.training or torch.is_grad_enabled():
             return self._encode_text(text)
         weights = [*self.text.parameters(), *([self.prompt_table] if self.prompt_table is not None else [])]
         key = (text.ids.cpu().numpy().tobytes(), text.mask.cpu().numpy().tobytes(), tuple(text.ids.shape),
-               tuple((w.data_ptr(), w._version) for w in weights))  # the weights as they are now
+               tuple((w.data_ptr(), None if w.is_inference() else w._version) for w in weights))
         if key in self._encoded_prompts:
             self._encoded_prompts.move_to_end(key)
         else:
