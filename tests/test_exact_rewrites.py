@@ -101,3 +101,18 @@ def test_straightforward_forms_swap_in_and_back(tiny_rn):
         assert glip.BiAttention.forward is straightforward.bi_attention
         assert glip.deform_conv2d is torchvision_deform_conv2d
     assert (glip.BiAttention.forward, glip.deform_conv2d, type(tiny_rn).global_attention_pool) == fast
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+def test_soft_nms_on_shared_boxes_equals_the_per_round_form(method):
+    from ovdense.detection.postprocess import soft_nms
+    torch.manual_seed(0)
+    corners = torch.rand(150, 2) * 80
+    boxes = torch.cat([corners, corners + 10 + torch.rand(150, 2) * 40], dim=1)  # (150, 4), many overlaps
+    scores = torch.rand(150, 6)  # 6 classes score every box: 900 candidates, 150 rounds (dead columns dropped)
+    rows, labels = (scores > 0.02).nonzero(as_tuple=True)
+    candidates = boxes[rows], scores[rows, labels], labels
+    shared = soft_nms(*candidates[:2], 0.5, 0.3, 0.001, method, labels=labels, box_ids=rows)
+    per_round = soft_nms(*candidates[:2], 0.5, 0.3, 0.001, method, labels=labels)
+    assert len(shared[0]) > 100
+    assert torch.equal(shared[0], per_round[0]) and torch.equal(shared[1], per_round[1])

@@ -103,9 +103,9 @@ def _naive_soft_nms(boxes, scores, sigma, prune):
 
 def test_soft_nms_matches_a_naive_loop_and_hard_mode_is_nms():
     torch.manual_seed(3)
-    xy = torch.rand(30, 2) * 50
-    boxes = torch.cat([xy, xy + 10 + torch.rand(30, 2) * 20], dim=1)
-    scores = torch.rand(30)
+    xy = torch.rand(90, 2) * 50  # more than 64 rounds: the dead columns are dropped twice on the way
+    boxes = torch.cat([xy, xy + 10 + torch.rand(90, 2) * 20], dim=1)
+    scores = torch.rand(90)
     kept, new_scores = soft_nms(boxes, scores, sigma=0.5, min_score=0.001)
     reference = _naive_soft_nms(boxes, scores, 0.5, 0.001)
     assert kept.tolist() == [i for i, _ in reference]
@@ -113,7 +113,7 @@ def test_soft_nms_matches_a_naive_loop_and_hard_mode_is_nms():
     hard, _ = soft_nms(boxes, scores, iou_threshold=0.5, method="hard", min_score=0.0)
     assert hard.tolist() == nms(boxes, scores, 0.5).tolist()
     # class-wise: all classes advance together, yet each class gets exactly its own naive loop
-    labels = torch.randint(0, 4, (30,))
+    labels = torch.randint(0, 4, (90,))
     labels[labels == 2] = 3  # a class with no box in between
     kept, new_scores = soft_nms(boxes, scores, sigma=0.5, min_score=0.001, labels=labels)
     expected = []
