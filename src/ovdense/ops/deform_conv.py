@@ -1,7 +1,7 @@
 """Modulated deformable convolution (DCNv2) for the CPU. Per kernel tap, one `embedding_bag` gathers every output
 position's four bilinear corners (all channels at once, weighted by bilinear weight x modulation mask) and one
 matmul applies that tap's weights. Equal to torchvision's `deform_conv2d` (its sampling rule: zero outside
-(-1, H) x (-1, W), corners outside the image zero) and about 2-4x faster on a CPU, where torchvision's kernel
+(-1, H) x (-1, W), corners outside the image zero) and 3-5x faster on a CPU, where torchvision's kernel
 recomputes the bilinear coordinates for every channel on one core (`benchmarks/bench_speed.py`). Other devices use
 torchvision's kernel.
 """
@@ -24,8 +24,8 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, b
     batch, channels = x.shape[:2]
     out_h, out_w = offset.shape[-2:]
     indices, weights = bilinear_taps(x.shape, offset, weight.shape[-2:], stride, padding, dilation, mask)
-    pixels = x.permute(0, 2, 3, 1).reshape(-1, channels)  # (B*H*W, C): each pixel's channels one row
-    tap_weights = weight.permute(2, 3, 1, 0).reshape(taps, channels, -1)  # (k*k, C, C_out)
+    pixels = x.permute(0, 2, 3, 1).contiguous().view(-1, channels)  # (B*H*W, C): a pixel's channels, one row
+    tap_weights = weight.permute(2, 3, 0, 1).reshape(taps, -1, channels).transpose(1, 2)  # (k*k, C, C_out)
     out = None
     for tap in range(taps):  # one tap at a time keeps the sampled block (B*Ho*Wo, C) small
         sampled = F.embedding_bag(indices[tap], pixels, per_sample_weights=weights[tap].to(x.dtype), mode="sum")
