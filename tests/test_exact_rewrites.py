@@ -116,3 +116,22 @@ def test_soft_nms_on_shared_boxes_equals_the_per_round_form(method):
     per_round = soft_nms(*candidates[:2], 0.5, 0.3, 0.001, method, labels=labels)
     assert len(shared[0]) > 100
     assert torch.equal(shared[0], per_round[0]) and torch.equal(shared[1], per_round[1])
+
+
+def test_the_chunked_channels_last_roi_head_equals_one_pass(monkeypatch):
+    from torchvision.ops import roi_align
+
+    from ovdense.methods import regionclip
+    torch.manual_seed(0)
+    clip = load_clip("RN50", "random")
+    encoder = regionclip.RegionEncoder(clip).eval()
+    features = torch.randn(2, 1024, 12, 16)
+    boxes = [torch.tensor([[0.0, 0, 100, 90], [30, 20, 250, 180], [5, 5, 40, 60]]), torch.tensor([[8.0, 9, 120, 70]])]
+    monkeypatch.setattr(regionclip, "ROI_CHUNK", 2)  # 4 regions: two chunks
+    with torch.no_grad():
+        chunked = encoder.pool(features, 16, boxes)
+        rois = roi_align(features, boxes, 14, 1 / 16, sampling_ratio=0, aligned=True)
+        one_pass = straightforward.global_attention_pool(clip, clip.visual.layer4(rois))
+        assert encoder.pool(features, 16, [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, clip.embed_dim)
+    assert chunked.shape == one_pass.shape == (4, clip.embed_dim)
+    assert (chunked - one_pass).abs().max() <= 1e-4 * max(1.0, float(one_pass.abs().max()))

@@ -27,6 +27,7 @@ from ..text import TextEmbeddingCache, resolve_templates
 from .base import NO_CLIP, TrainedModel
 
 TEMPERATURE = 0.01
+ROI_CHUNK = 50  # regions through res5 at once (measured fastest on a 2-core CPU, channels-last)
 RPN_SOURCES = ("clip", "offline")
 
 
@@ -62,8 +63,7 @@ def trunk_map(clip: CLIPBackbone, images: torch.Tensor) -> tuple[torch.Tensor, i
     before the last block (B, width, H/p, W/p)."""
     images = images.to(clip.dtype)
     if clip.arch == "resnet":
-        v = clip.visual
-        return v.layer3(v.layer2(v.layer1(v.stem(images)))), 16
+        return clip._resnet_trunk(images, stages=3)[-1], 16
     tokens, grid = clip.vit_tokens(images, depth=-1)
     return tokens[:, 1:].transpose(1, 2).reshape(len(tokens), -1, *grid), clip.stride
 
@@ -87,12 +87,19 @@ class RegionEncoder(nn.Module):
         return self.clip.dense_features(images, self.mode).features, self.clip.stride
 
     def pool(self, features: torch.Tensor, stride: int, boxes: list[torch.Tensor]) -> torch.Tensor:
-        """features (B, C, h, w), boxes [(R_i, 4) xyxy in input pixels] -> (sum R_i, D) region embeddings."""
-        rois = roi_align(features, [b.to(features.dtype) for b in boxes], self.resolution, 1.0 / stride,
-                         sampling_ratio=0, aligned=True)
-        if self.clip.arch == "resnet":
-            return self.clip.global_attention_pool(self.clip.visual.layer4(rois))
-        return rois.mean(dim=(2, 3))
+        """features (B, C, h, w), boxes [(R_i, 4) xyxy in input pixels] -> (sum R_i, D) region embeddings.
+
+        ResNet regions go through res5 and the attention pool ROI_CHUNK at a time (1000 RoIs of 14x14x1024 would be
+        0.8 GB at once), channels-last on a CPU, as `CLIPBackbone._resnet_trunk`."""
+        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        rois = rois.to(features.dtype)  # (sum R_i, 5): image index, x1, y1, x2, y2
+        align = lambda r: roi_align(features, r, self.resolution, 1.0 / stride, sampling_ratio=0,  # noqa: E731
+                                    aligned=True)
+        if self.clip.arch != "resnet":
+            return align(rois).mean(dim=(2, 3))
+        layout = torch.channels_last if features.device.type == "cpu" else torch.contiguous_format
+        return torch.cat([self.clip.global_attention_pool(self.clip.visual.layer4(
+            align(chunk).contiguous(memory_format=layout))) for chunk in rois.split(ROI_CHUNK)])
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         features, stride = self.feature_map(images)
