@@ -135,3 +135,14 @@ def test_the_chunked_channels_last_roi_head_equals_one_pass(monkeypatch):
         assert encoder.pool(features, 16, [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, clip.embed_dim)
     assert chunked.shape == one_pass.shape == (4, clip.embed_dim)
     assert (chunked - one_pass).abs().max() <= 1e-4 * max(1.0, float(one_pass.abs().max()))
+
+
+def test_deform_conv_runs_under_cpu_autocast():
+    torch.manual_seed(0)
+    x, offset, mask = torch.randn(1, 16, 9, 9), torch.randn(1, 18, 9, 9), torch.rand(1, 9, 9, 9)
+    weight, bias = torch.randn(16, 16, 3, 3) * 0.1, torch.randn(16)
+    exact = deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torchvision's kernel has no autocast rule on a CPU
+        low = deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - exact).abs().max() <= 0.05 * float(exact.abs().max())

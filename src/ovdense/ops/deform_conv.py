@@ -29,8 +29,10 @@ def deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, b
     out = None
     for tap in range(taps):  # one tap at a time keeps the sampled block (B*Ho*Wo, C) small
         sampled = F.embedding_bag(indices[tap], pixels, per_sample_weights=weights[tap].to(x.dtype), mode="sum")
-        out = (torch.addmm(bias, sampled, tap_weights[tap]) if bias is not None else sampled @ tap_weights[tap]) \
-            if out is None else out.addmm_(sampled, tap_weights[tap])
+        if out is None:  # under autocast this picks the lower precision; the in-place sums follow it
+            out = torch.addmm(bias, sampled, tap_weights[tap]) if bias is not None else sampled @ tap_weights[tap]
+        else:
+            out.addmm_(sampled.to(out.dtype), tap_weights[tap].to(out.dtype))
     return out.reshape(batch, out_h, out_w, -1).permute(0, 3, 1, 2).contiguous()
 
 
