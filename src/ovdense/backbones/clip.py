@@ -82,6 +82,12 @@ def gaussian_neighbourhood(grid: tuple[int, int], std: float, device=None) -> to
     return F.pad(bias, (1, 0, 1, 0))
 
 
+def convolution_layout(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in the memory layout ResNet convolutions run fastest on here: channels-last on a CPU (oneDNN,
+    15-25% faster, outputs equal), as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 class CLIPBackbone(nn.Module):
     """A CLIP model (open_clip) with global, text and dense embeddings.
 
@@ -386,11 +392,9 @@ class CLIPBackbone(nn.Module):
     def _resnet_trunk(self, images: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the first `stages` stage outputs, each (B, C_i, H/2^(i+2), W/2^(i+2)).
 
-        On a CPU the images go in channels-last: oneDNN's convolutions run 15-25% faster on it (outputs equal)."""
+        On a CPU the images go in channels-last (`convolution_layout`)."""
         v = self.visual
-        if images.device.type == "cpu":
-            images = images.contiguous(memory_format=torch.channels_last)
-        x = v.stem(images)
+        x = v.stem(convolution_layout(images))
         out = []
         for layer in (v.layer1, v.layer2, v.layer3, v.layer4)[:stages]:
             x = layer(x)

@@ -78,13 +78,26 @@ def clip_loss(model, batch) -> dict[str, torch.Tensor]:
     return {"loss": loss, "logit_scale": logit_scale.detach()}
 
 
+def colour_shape_text(backbone: CLIPBackbone, things: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
+    """(colours * shapes, D) text embeddings of `template` with "{colour} {shape}", colour-major."""
+    names = [f"{c} {t}" for c in COLOURS for t in things]
+    return TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
+
+
+def shape_accuracy(scores: torch.Tensor, shapes: list[int], world: SyntheticWorld) -> tuple[float, float]:
+    """(N, colours, shapes) scores and the (N,) true shapes -> shape accuracy (%) of base and of novel things, the
+    best colour of each shape standing for it."""
+    shape_ok = (scores.amax(dim=1).argmax(dim=1) == torch.tensor(shapes)).float()
+    novel = torch.tensor([world.things[t] in world.novel for t in shapes])
+    return 100 * float(shape_ok[~novel].mean()), 100 * float(shape_ok[novel].mean())
+
+
 @torch.no_grad()
 def score_object_crops(backbone: CLIPBackbone, crops: list[np.ndarray], things: list[str],
                        template: str = "a photo of a {}.") -> torch.Tensor:
     """(N,) object crops -> (N, colours, shapes) cosine similarity with "a photo of a {colour} {shape}."."""
     size = backbone.image_size
-    names = [f"{c} {t}" for c in COLOURS for t in things]
-    text = TextEmbeddingCache().embed(backbone, names, (template,)).to(backbone.device)
+    text = colour_shape_text(backbone, things, template)
     images = torch.stack([to_tensor(c, backbone.image_mean, backbone.image_std, size) for c in crops])
     features = torch.cat([F.normalize(backbone.encode_image(images[i:i + 256].to(backbone.device)), dim=-1)
                           for i in range(0, len(images), 256)])
@@ -108,11 +121,9 @@ def zero_shot_crops(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int =
             shapes.append(world.things.index(obj.category))
             paint.append(colours.index(obj.colour))
     scores = score_object_crops(backbone, crops, list(world.things))
-    shape_ok = (scores.amax(dim=1).argmax(dim=1) == torch.tensor(shapes)).float()
+    base, novel = shape_accuracy(scores, shapes, world)
     colour_ok = (scores.amax(dim=2).argmax(dim=1) == torch.tensor(paint)).float()
-    novel = torch.tensor([world.things[t] in world.novel for t in shapes])
-    return {"zs_base_acc": 100 * float(shape_ok[~novel].mean()), "zs_novel_acc": 100 * float(shape_ok[novel].mean()),
-            "zs_colour_acc": 100 * float(colour_ok.mean()), "zs_crops": len(shapes),
+    return {"zs_base_acc": base, "zs_novel_acc": novel, "zs_colour_acc": 100 * float(colour_ok.mean()), "zs_crops": len(shapes),
             "chance_acc": 100 / len(world.things)}
 
 
@@ -123,8 +134,7 @@ def zero_shot_regions(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int
     features at the model's native size, RoIAligned (7x7, averaged) over each object's exact box, scored as
     `zero_shot_crops` scores crops. What a dense method can get from the foundation before any training."""
     from torchvision.ops import roi_align
-    names = [f"{c} {t}" for c in COLOURS for t in world.things]
-    text = TextEmbeddingCache().embed(backbone, names, ("a photo of a {}.",)).to(backbone.device)
+    text = colour_shape_text(backbone, list(world.things))
     regions, shapes = [], []
     for i in range(scenes):
         scene = world.scene(scene_index(split, i))
@@ -137,10 +147,8 @@ def zero_shot_regions(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int
         regions.append(roi_align(dense, [boxes], 7, scale, sampling_ratio=2, aligned=True).mean(dim=(2, 3)))
         shapes += [world.things.index(obj.category) for obj in scene.objects]
     scores = (F.normalize(torch.cat(regions), dim=-1) @ text.T).view(-1, len(COLOURS), len(world.things)).cpu()
-    shape_ok = (scores.amax(dim=1).argmax(dim=1) == torch.tensor(shapes)).float()
-    novel = torch.tensor([world.things[t] in world.novel for t in shapes])
-    return {"dense_base_acc": 100 * float(shape_ok[~novel].mean()),
-            "dense_novel_acc": 100 * float(shape_ok[novel].mean())}
+    base, novel = shape_accuracy(scores, shapes, world)
+    return {"dense_base_acc": base, "dense_novel_acc": novel}
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..backbones import CLIPBackbone, load_clip
+from ..backbones.clip import convolution_layout
 from ..detection.roi import ProposalSampler, box_coder
 from ..detection.rpn import OfflineRPN, ProposalNetwork
 from ..errors import CheckpointError, InputError, UsageError
@@ -90,16 +91,15 @@ class RegionEncoder(nn.Module):
         """features (B, C, h, w), boxes [(R_i, 4) xyxy in input pixels] -> (sum R_i, D) region embeddings.
 
         ResNet regions go through res5 and the attention pool ROI_CHUNK at a time (1000 RoIs of 14x14x1024 would be
-        0.8 GB at once), channels-last on a CPU, as `CLIPBackbone._resnet_trunk`."""
+        0.8 GB at once), in the trunk's `convolution_layout`."""
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
         rois = rois.to(features.dtype)  # (sum R_i, 5): image index, x1, y1, x2, y2
         align = lambda r: roi_align(features, r, self.resolution, 1.0 / stride, sampling_ratio=0,  # noqa: E731
                                     aligned=True)
         if self.clip.arch != "resnet":
             return align(rois).mean(dim=(2, 3))
-        layout = torch.channels_last if features.device.type == "cpu" else torch.contiguous_format
-        return torch.cat([self.clip.global_attention_pool(self.clip.visual.layer4(
-            align(chunk).contiguous(memory_format=layout))) for chunk in rois.split(ROI_CHUNK)])
+        return torch.cat([self.clip.global_attention_pool(self.clip.visual.layer4(convolution_layout(align(chunk))))
+                          for chunk in rois.split(ROI_CHUNK)])
 
     def forward(self, images: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         features, stride = self.feature_map(images)
