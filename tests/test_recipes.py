@@ -157,6 +157,23 @@ def test_a_bad_recipe_is_refused_before_any_work(what, key, value, message, tmp_
     assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
 
 
+def test_set_changes_recipe_values_and_its_mistakes_are_refused_before_any_work(tmp_path, tiny_model_configs, no_work):
+    values = _recipes(tmp_path)["tcl"]
+    path = _write(tmp_path / "tcl.yaml", values)
+    recipe = load_recipe(TCLRecipe, path, ["train.seed=7", "train.lr=5e-4", f"data.sources.0={tmp_path}/other.jsonl",
+                                           "method.kp_weight=0.5"])
+    assert recipe.train["seed"] == 7 and recipe.train["lr"] == 5e-4 and recipe.method["kp_weight"] == 0.5
+    assert recipe.data["sources"] == [f"{tmp_path}/other.jsonl"] and recipe.train["steps"] == values["train"]["steps"]
+    assert load_recipe(TCLRecipe, path).train.get("seed") is None  # the file is not changed
+    cases = {"train.steps=0": "train.steps: must be an integer >= 1", "train.stpes=3": "unknown key",
+             "seed": "write KEY=VALUE", "data.sources.4=x.jsonl": "the list there has 1 entries",
+             "model.name=x": "has a value there, not a mapping"}
+    for assignment, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            _cli("tcl", "--config", path, "--output", tmp_path / "run", "--set", assignment)
+    assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
+
+
 def test_unreadable_recipe_files(tmp_path, no_work):
     cases = {"missing.yaml": None, "folder.yaml": "DIR",
              "syntax.yaml": "model: tiny-vit\ntrain:\n  steps: 2\n   batch_size: 4\n",

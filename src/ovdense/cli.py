@@ -760,7 +760,7 @@ def cmd_train(args) -> int:
         from .engine.denseclip_train import DenseCLIPRecipe, train_denseclip
         from .engine.tcl_train import TCLRecipe, train_tcl
         recipe_class, train = {"tcl": (TCLRecipe, train_tcl), "denseclip": (DenseCLIPRecipe, train_denseclip)}[args.what]
-    recipe = load_recipe(recipe_class, args.config)
+    recipe = load_recipe(recipe_class, args.config, args.set)
     if args.export:  # a path on the command line is relative to the current directory
         recipe.export = os.path.abspath(os.path.expanduser(args.export))
     try:
@@ -1015,6 +1015,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from step 0 instead of resuming; the old last.pt is replaced at the first checkpoint")
     train.add_argument("--max-steps", type=int, help="stop after this many more steps (resume later); a run "
                                                      "stopped before the recipe's steps exports nothing")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="change one recipe value (repeatable), e.g. --set train.seed=1 --set weights=FILE; "
+                            "dotted keys reach nested values, list entries by number (data.sources.0.path)")
     train.set_defaults(func=cmd_train)
 
     conv = sub.add_parser("convert", formatter_class=_Formatter,

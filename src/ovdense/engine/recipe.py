@@ -86,10 +86,45 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-def load_recipe(cls, path: str | Path):
+def override(values: dict, assignment: str) -> None:
+    """Apply one "KEY=VALUE" to recipe `values` in place: KEY is dotted (train.seed; a number picks a list entry,
+    data.sources.0.path), VALUE is read as YAML (1, 5e-4, true, [1, 2], a path). The last key may be new (the
+    recipe's checks then judge it); the ones before it must lead to a mapping or a list. InputError otherwise."""
+    key, equals, text = assignment.partition("=")
+    if not equals or not key.strip():
+        raise InputError(f"--set {assignment!r}: write KEY=VALUE, e.g. --set train.seed=1")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InputError(f"--set {assignment!r}: the value is not valid YAML ({error})") from error
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        value = float(value)  # 5e-4, which YAML 1.1 reads as text
+    parts = key.strip().split(".")
+    node = values
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth + 1])
+        if isinstance(node, list):
+            if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                raise InputError(f"--set {assignment!r}: {where}: the list there has {len(node)} entries; "
+                                 "give the index of one")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise InputError(f"--set {assignment!r}: {where}: the recipe has a value there, not a mapping or a list")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+
+
+def load_recipe(cls, path: str | Path, overrides: tuple[str, ...] | list[str] = ()):
     """Build recipe dataclass `cls` from a YAML file and check all of it (`cls.validate`), keys at every depth
-    and values, before anything runs; every mistake is an InputError naming the file and the key."""
+    and values, before anything runs; every mistake is an InputError naming the file and the key.
+
+    overrides: "KEY=VALUE" assignments applied after reading (see `override`), as `ovdense train --set` gives
+    them: e.g. ("train.seed=1", "weights=runs/clip/ovdense-tiny-vit.safetensors")."""
     values = read_yaml(path)
+    for assignment in overrides:
+        override(values, assignment)
     known = [f.name for f in fields(cls) if f.name != "source"]
     with within(f"{path}: "):
         checks.known_keys(values, known, f"a {cls.__name__} recipe")
