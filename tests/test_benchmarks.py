@@ -1,7 +1,9 @@
-"""benchmarks/bench_speed.py counts what torch's FLOP counter does not know as the work it stands for."""
+"""The benchmarks measure what they say: bench_speed counts what torch's FLOP counter does not know as the work it
+stands for, and bench_claims' per-scene statistics equal the evaluators on all scenes."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.utils.flop_counter
 from torchvision.ops import deform_conv2d
@@ -32,3 +34,44 @@ def test_fused_attention_counts_as_the_unfused_layer():
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
     assert fused == unfused > 0
+
+
+def test_the_claims_statistics_equal_the_evaluators_on_all_scenes(tmp_path):
+    import bench_claims
+    from ovdense.backbones import load_clip
+    from ovdense.data.detection import DetectionDataset
+    from ovdense.data.export import export_world
+    from ovdense.data.synthetic import SyntheticWorld
+    from ovdense.detection.predictor import DetectionPredictor, GroundingPredictor
+    from ovdense.eval import SegmentationMetric, group_means
+    from ovdense.eval.detection import evaluate_detection
+    from ovdense.eval.grounding import evaluate_grounding
+    from ovdense.methods import MaskCLIP, load_detector
+    from ovdense.predictor import SegmentationPredictor
+    from ovdense.presets import get_detection_protocol
+
+    scenes = 6
+    world = SyntheticWorld()
+    data = export_world(world, tmp_path / "world", {"train": 1, "val": scenes}, progress=False)
+    score = bench_claims.Scorer(data, scenes)
+    everything = list(range(scenes))
+
+    method = MaskCLIP(load_clip("ovdense-tiny-vit", "synthetic"), "naclip")
+    metric = SegmentationMetric(len(world.classes))
+    predictor = SegmentationPredictor(method, "synthetic")
+    for i in everything:
+        scene = world.scene(bench_claims.scene_index("val", i))
+        metric.update(predictor(scene.image, world.classes).labels, scene.semantic)
+    expected = group_means(metric.compute()["IoU"], list(world.classes), {"stuff": list(world.stuff)})["stuff"]
+    stuff = [world.classes.index(s) for s in world.stuff]
+    assert score.iou(method, stuff, "naclip")(everything) == pytest.approx(expected, abs=1e-6)
+
+    dataset = DetectionDataset(data / "instances_val.json")
+    detector = DetectionPredictor(load_detector("regionclip", weights="synthetic")[0],
+                                  get_detection_protocol("synthetic-detection"))
+    expected = evaluate_detection(detector, dataset, "ov-coco", progress=False)["AP50_novel"]
+    assert score.novel_ap50(detector)(everything) == pytest.approx(expected, abs=1e-6)
+
+    grounder = GroundingPredictor(load_detector("glip", weights="synthetic")[0], get_detection_protocol("glip-synthetic"))
+    expected = evaluate_grounding(grounder, data / "grounding_val.jsonl", progress=False)["R@1_novel"]
+    assert score.novel_recall(grounder)(everything) == pytest.approx(expected, abs=1e-6)

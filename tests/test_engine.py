@@ -1,15 +1,17 @@
 """The training engine and the tiny-CLIP pre-training: schedule, data order, loss falls, exact resume."""
 import csv
+from functools import partial
 import os
 import stat
 
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ovdense.data.synthetic import SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import SyntheticCaptions, clip_loss
+from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, centre_tokens, clip_loss
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -33,18 +35,20 @@ def test_schedule_and_data_order():
     assert lr_at(50, poly) == pytest.approx(0.5 ** 0.9) and lr_at(100, poly) == pytest.approx(0.0)
 
 
-def _tiny_clip_trainer(tmp_path, steps, seed=0):
+def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0):
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-vit", pretrained=None)
     tokenizer = open_clip.get_tokenizer("tiny-vit")
-    data = SyntheticCaptions(SyntheticWorld(64, seed=0, max_objects=2), scenes=64, captions_per_scene=1)
+    data = SyntheticCaptions(SyntheticWorld(64, seed=0, max_objects=2), scenes=64, captions_per_scene=1,
+                             close_ups=close_ups)
 
     def collate(items):
-        images, texts = zip(*items)
-        return torch.stack(images), tokenizer(list(texts))
+        images, texts, close = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.tensor(close)
 
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
-    return Trainer(model, clip_loss, data, config, tmp_path, collate=collate, progress=False)
+    return Trainer(PatchCLIP(model) if token_weight else model, partial(clip_loss, token_weight=token_weight), data,
+                   config, tmp_path, collate=collate, progress=False)
 
 
 def test_clip_contrastive_loss_falls(tmp_path):
@@ -53,6 +57,39 @@ def test_clip_contrastive_loss_falls(tmp_path):
     with open(tmp_path / "metrics.csv") as handle:
         losses = [float(row["loss"]) for row in csv.DictReader(handle)]
     assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit", pretrained=None).eval()
+    patch_clip = PatchCLIP(model)
+    images, texts = torch.randn(4, 3, 64, 64), ["a photo of a red star.", "sand", "a photo of a red star.", "a tree"]
+    tokens = open_clip.get_tokenizer("tiny-vit")(texts)
+    image, text, scale, patches = patch_clip(images, tokens)
+    reference = model(images, tokens)
+    for mine, theirs in zip((image, text, scale), reference):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    close_up = torch.tensor([True, False, False, True])
+    plain = clip_loss(model, (images, tokens, close_up))["loss"]
+    values = clip_loss(patch_clip, (images, tokens, close_up), token_weight=0.5)
+    assert torch.allclose(values["clip_loss"], plain, atol=1e-6)
+    centre = centre_tokens(4)  # a 4x4 grid: its middle 2x2
+    assert centre.view(4, 4)[1:3, 1:3].all() and centre.sum() == 4
+    terms = []
+    for item in (0, 3):
+        for token in patches[item][centre]:
+            logits = scale * F.normalize(token, dim=-1) @ text.T
+            twins = [j for j in range(4) if texts[j] == texts[item] and j != item]  # item 0's caption is item 2's too
+            logits[twins] = float("-inf")
+            terms.append(F.cross_entropy(logits[None], torch.tensor([item])))
+    assert torch.allclose(values["token_loss"], torch.stack(terms).mean(), atol=1e-5)
+    assert torch.allclose(values["loss"], plain + 0.5 * values["token_loss"], atol=1e-5)
+
+    trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.5, token_weight=1.0)
+    trainer.fit()
+    with open(tmp_path / "metrics.csv") as handle:
+        losses = [float(row["token_loss"]) for row in csv.DictReader(handle)]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 

@@ -96,6 +96,7 @@ def test_the_small_recipes_are_valid(tmp_path, tiny_model_configs):
 
 BAD = [  # (method, key changed, value, what the message must say)
     ("clip", "train.steps", 0, "train.steps: must be an integer >= 1, got 0"),
+    ("clip", "token_loss", -0.5, "token_loss: must be >= 0"),
     ("clip", "train.steps", "ten", "train.steps: must be an integer, got the text 'ten'"),
     ("clip", "train.batch_size", 0, "train.batch_size: must be an integer >= 1"),
     ("clip", "train.accumulate", 3, "train.batch_size: 4 is not divisible by accumulate (3)"),
@@ -171,6 +172,9 @@ def test_set_changes_recipe_values_and_its_mistakes_are_refused_before_any_work(
     for assignment, message in cases.items():
         with pytest.raises(InputError, match=message):
             _cli("tcl", "--config", path, "--output", tmp_path / "run", "--set", assignment)
+    clip = _write(tmp_path / "clip.yaml", _recipes(tmp_path)["clip"])
+    with pytest.raises(InputError, match="token_loss: the close-up token term needs a ViT; tiny-rn is a ResNet"):
+        _cli("clip", "--config", clip, "--output", tmp_path / "run", "--set", "model=tiny-rn", "--set", "token_loss=1")
     assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
 
 

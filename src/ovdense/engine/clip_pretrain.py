@@ -3,6 +3,7 @@ on the objects' regions of its dense map."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ..backbones import CLIPBackbone
 from ..data.export import scene_index
 from ..data.images import to_tensor
 from ..data.synthetic import COLOURS, SyntheticWorld
+from ..errors import InputError
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from . import checks
@@ -32,8 +34,8 @@ def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.n
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string) from train scene i // k (k items per scene); S is
-    `image_size` (default: the world's size).
+    """Item i: (image (3, S, S) normalised, caption string, whether it is a close-up) from train scene i // k (k items
+    per scene); S is `image_size` (default: the world's size).
 
     Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views,
     a crop around one object captioned "a photo of a red star" (chosen deterministically from i).
@@ -51,7 +53,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.scenes * self.k
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, bool]:
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
@@ -63,19 +65,60 @@ class SyntheticCaptions(torch.utils.data.Dataset):
             box, name = objects[int(rng.integers(len(objects)))]
             crop = object_crop(image, box, margin=rng.uniform(0.1, 0.4))
             article = "an" if name[0] in "aeiou" else "a"
-            return to_tensor(crop, self.mean, self.std, self.image_size), f"a photo of {article} {name}."
-        return to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)]
+            return to_tensor(crop, self.mean, self.std, self.image_size), f"a photo of {article} {name}.", True
+        return to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)], False
 
 
-def clip_loss(model, batch) -> dict[str, torch.Tensor]:
-    """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP)."""
-    images, tokens = batch
-    image_features, text_features, logit_scale = model(images, tokens)
+class PatchCLIP(torch.nn.Module):
+    """An open_clip ViT CLIP whose forward also returns its patch embeddings: (images (B, 3, H, W), tokens (T, L)) ->
+    (image features (B, D) and text features (T, D), both unit, logit scale, patch embeddings (B, h*w, D): ln_post and
+    proj on each last-block token, the `plain` dense readout). The first three are open_clip's forward's."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        visual = self.model.visual
+        pooled, patches = visual._pool(visual.transformer(visual._embeds(images)))
+        image = F.normalize(pooled @ visual.proj, dim=-1)
+        return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
+
+
+def centre_tokens(grid: int) -> torch.Tensor:
+    """(grid * grid,) bool: the tokens of the middle half of a grid x grid patch grid (rows and columns)."""
+    inside = torch.zeros(grid, dtype=torch.bool)
+    inside[grid // 4: grid - grid // 4] = True
+    return (inside[:, None] & inside[None]).flatten()
+
+
+def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
+
+    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every central patch embedding of a close-up
+    (`centre_tokens`, on the object) is classified among the rank's captions by the same scaled cosine, its own caption
+    the target (others with the same text left out), and the cross-entropy, averaged over the tokens, is added with
+    that weight. It asks each object token, not only their pool, to name the object."""
+    images, tokens, close_up = batch
+    outputs = model(images, tokens)
+    image_features, text_features, logit_scale = outputs[:3]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
         image_features, text_features, logit_scale)
-    return {"loss": loss, "logit_scale": logit_scale.detach()}
+    values = {"loss": loss, "logit_scale": logit_scale.detach()}
+    if token_weight and close_up.any():
+        patches = outputs[3]
+        centre = centre_tokens(int(round(patches.shape[1] ** 0.5))).to(patches.device)
+        own = torch.nonzero(close_up).squeeze(1)
+        patches = F.normalize(patches[own][:, centre], dim=-1)  # (n, c, D)
+        logits = logit_scale * patches @ text_features.T  # (n, c, B)
+        twins = (tokens[own][:, None] == tokens[None]).all(dim=-1)  # (n, B): the same caption text
+        twins[torch.arange(len(own)), own] = False
+        logits = logits.masked_fill(twins[:, None], float("-inf"))
+        token_loss = F.cross_entropy(logits.flatten(0, 1), own.repeat_interleave(patches.shape[1]))
+        values |= {"loss": loss + token_weight * token_loss, "clip_loss": loss.detach(), "token_loss": token_loss.detach()}
+    return values
 
 
 def colour_shape_text(backbone: CLIPBackbone, things: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
@@ -167,6 +210,7 @@ class PretrainConfig(TrainSection):
     scenes: int = 20000
     captions_per_scene: int = 3
     close_ups: float = 0.0
+    token_loss: float = 0.0
     eval_scenes: int = 200
     train: dict = field(default_factory=dict)
     export: str | None = None
@@ -179,6 +223,10 @@ class PretrainConfig(TrainSection):
         checks.integer("scenes", self.scenes, minimum=1)
         checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
         checks.number("close_ups", self.close_ups, minimum=0, maximum=1)
+        checks.number("token_loss", self.token_loss, minimum=0)
+        layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
+        if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
+            raise InputError(f"token_loss: the close-up token term needs a ViT; {self.model} is a ResNet")
         checks.integer("eval_scenes", self.eval_scenes, minimum=1)
         self.train_config()
         check_export(self.export)
@@ -213,16 +261,20 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
                              image_size=backbone.image_size)
 
     def collate(items):
-        images, texts = zip(*items)
-        return torch.stack(images), tokenizer(list(texts))
+        images, texts, close_ups = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.tensor(close_ups)
 
     def evaluate(_model):
-        return {**zero_shot_crops(backbone, world, config.eval_scenes),
-                **zero_shot_regions(backbone, world, config.eval_scenes)}
+        scores = zero_shot_crops(backbone, world, config.eval_scenes)
+        for mode in ("maskclip", "plain"):
+            regions = zero_shot_regions(backbone, world, config.eval_scenes, mode=mode)
+            scores |= {f"{mode}_{key[len('dense_'):]}": value for key, value in regions.items()}
+        return scores
 
     run = {"method": "clip", "recipe": config.source, "model": {"model": config.model}}
-    trainer = Trainer(model, clip_loss, data, train_config, out_dir, collate=collate, evaluate=evaluate,
-                      device=device, progress=progress, run=run)
+    trainee = PatchCLIP(model) if config.token_loss else model
+    trainer = Trainer(trainee, partial(clip_loss, token_weight=config.token_loss), data, train_config, out_dir,
+                      collate=collate, evaluate=evaluate, device=device, progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
     model.eval()
     scores = evaluate(model)

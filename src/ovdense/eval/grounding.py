@@ -57,6 +57,26 @@ def phrase_hits(predicted: torch.Tensor, truth: torch.Tensor, ks=KS) -> list[boo
     return [bool(good[:k].any()) for k in ks] + [bool(good.any())]
 
 
+def grounding_hits(predictor, records: list[dict], groups: dict[str, str], progress: bool = True
+                   ) -> list[tuple[int, str, list[bool]]]:
+    """For each phrase with boxes of `records` (in order): (its record's index, its group ('' when none), its
+    `phrase_hits`), from `predictor` (a GroundingPredictor), each image set once for its run of captions."""
+    rows = []
+    last_image = None
+    for index, record in enumerate(tqdm(records, desc="eval grounding", disable=not progress, unit="cap")):
+        if record["image"] != last_image:
+            predictor.set_image(record["image"])
+            last_image = record["image"]
+        result = predictor.ground_prompt(record_prompt(record))
+        for phrase_index, phrase in enumerate(record["phrases"]):
+            if not phrase["boxes"]:
+                continue
+            mine = result.boxes[result.labels == phrase_index]  # best first
+            group = phrase.get("type") or groups.get(phrase.get("category"), "")
+            rows.append((index, group, phrase_hits(mine, torch.tensor(phrase["boxes"], dtype=torch.float32))))
+    return rows
+
+
 def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, progress: bool = True) -> dict:
     """R@1, R@5, R@10 and R@any (percent) of `predictor` (a GroundingPredictor) over the phrases of the first `limit`
     captions of a grounding file, overall and per group (e.g. 'R@1_novel'), with the phrase counts. Under torchrun
@@ -64,19 +84,8 @@ def evaluate_grounding(predictor, path: str | Path, limit: int | None = None, pr
     records, groups = read_grounding(path)
     records = records[:limit]
     rank, world = init_distributed()
-    rows = []  # (group, hits)
-    last_image = None
-    for record in tqdm(records[rank::world], desc="eval grounding", disable=not progress or rank != 0, unit="cap"):
-        if record["image"] != last_image:
-            predictor.set_image(record["image"])
-            last_image = record["image"]
-        result = predictor.ground_prompt(record_prompt(record))
-        for index, phrase in enumerate(record["phrases"]):
-            if not phrase["boxes"]:
-                continue
-            mine = result.boxes[result.labels == index]  # best first
-            group = phrase.get("type") or groups.get(phrase.get("category"), "")
-            rows.append((group, phrase_hits(mine, torch.tensor(phrase["boxes"], dtype=torch.float32))))
+    rows = [(group, hits) for _, group, hits in
+            grounding_hits(predictor, records[rank::world], groups, progress=progress and rank == 0)]
     if world > 1:
         gathered = [None] * world
         with torch.cuda.device(predictor.device) if predictor.device.type == "cuda" else nullcontext():
