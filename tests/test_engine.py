@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ovdense.data.synthetic import SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, centre_tokens, clip_loss
+from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, tokens_inside
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -35,16 +35,16 @@ def test_schedule_and_data_order():
     assert lr_at(50, poly) == pytest.approx(0.5 ** 0.9) and lr_at(100, poly) == pytest.approx(0.0)
 
 
-def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0):
+def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0, views="centred"):
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-vit", pretrained=None)
     tokenizer = open_clip.get_tokenizer("tiny-vit")
     data = SyntheticCaptions(SyntheticWorld(64, seed=0, max_objects=2), scenes=64, captions_per_scene=1,
-                             close_ups=close_ups)
+                             close_ups=close_ups, views=views)
 
     def collate(items):
-        images, texts, close = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.tensor(close)
+        images, texts, boxes = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(boxes)
 
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
     return Trainer(PatchCLIP(model) if token_weight else model, partial(clip_loss, token_weight=token_weight), data,
@@ -70,27 +70,43 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     reference = model(images, tokens)
     for mine, theirs in zip((image, text, scale), reference):
         assert torch.allclose(mine, theirs, atol=1e-6)
-    close_up = torch.tensor([True, False, False, True])
-    plain = clip_loss(model, (images, tokens, close_up))["loss"]
-    values = clip_loss(patch_clip, (images, tokens, close_up), token_weight=0.5)
+    nan = float("nan")
+    boxes = torch.tensor([[0.2, 0.3, 0.8, 0.6], [nan] * 4, [nan] * 4, [0.0, 0.0, 0.5, 0.5]])
+    plain = clip_loss(model, (images, tokens, boxes))["loss"]
+    values = clip_loss(patch_clip, (images, tokens, boxes), token_weight=0.5)
     assert torch.allclose(values["clip_loss"], plain, atol=1e-6)
-    centre = centre_tokens(4)  # a 4x4 grid: its middle 2x2
-    assert centre.view(4, 4)[1:3, 1:3].all() and centre.sum() == 4
+    inside = tokens_inside(boxes[[0, 3]], 4).view(2, 4, 4)  # a 4x4 grid: centres at 0.125, 0.375, 0.625, 0.875
+    assert inside[0].nonzero().tolist() == [[1, 1], [1, 2]] and inside[1].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     terms = []
-    for item in (0, 3):
-        for token in patches[item][centre]:
+    for item, mask in zip((0, 3), inside):
+        for token in patches[item][mask.flatten()]:
             logits = scale * F.normalize(token, dim=-1) @ text.T
             twins = [j for j in range(4) if texts[j] == texts[item] and j != item]  # item 0's caption is item 2's too
             logits[twins] = float("-inf")
             terms.append(F.cross_entropy(logits[None], torch.tensor([item])))
+    assert len(terms) == 6
     assert torch.allclose(values["token_loss"], torch.stack(terms).mean(), atol=1e-5)
     assert torch.allclose(values["loss"], plain + 0.5 * values["token_loss"], atol=1e-5)
 
-    trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.5, token_weight=1.0)
+    trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.5, token_weight=1.0, views="anywhere")
     trainer.fit()
     with open(tmp_path / "metrics.csv") as handle:
         losses = [float(row["token_loss"]) for row in csv.DictReader(handle)]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_close_up_views_hold_the_whole_object_and_say_where_it_is():
+    world = SyntheticWorld(64, seed=0, max_objects=2)
+    for views in ("centred", "anywhere"):
+        data = SyntheticCaptions(world, scenes=8, captions_per_scene=2, close_ups=1.0, views=views, image_size=64)
+        for index in range(16):
+            image, caption, box = data[index]
+            assert caption.startswith("a photo of") and image.shape == (3, 64, 64)
+            assert (box >= 0).all() and (box <= 1).all() and (box[2:] > box[:2]).all(), (views, box)
+    anywhere = [SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere")[i][2] for i in range(16)]
+    assert len({round(float(b[0]), 2) for b in anywhere}) > 8  # the object is not always at the same place
+    whole = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
+    assert whole[2].isnan().all()
 
 
 def test_resume_after_kill_gives_the_same_next_steps(tmp_path):

@@ -24,36 +24,59 @@ from .recipe import TrainSection, check_export, check_model_name, check_world, r
 from .trainer import Trainer, check_resume, seeded
 
 
-def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:
-    """A square crop of `image` centred on `box` ([x0, y0, x1, y1)), `margin` of its longer side on each side."""
-    height, width = image.shape[:2]
+CLOSE_UP_VIEWS = ("centred", "anywhere")
+
+
+def crop_window(image_size: tuple[int, int], box: list[int], margin: float = 0.25) -> tuple[int, int, int, int]:
+    """The window [x0, y0, x1, y1) of a square crop centred on `box` ([x0, y0, x1, y1)), `margin` of its longer side
+    on each side, clipped to the (height, width) image."""
+    height, width = image_size
     x0, y0, x1, y1 = box
     half = (0.5 + margin) * max(x1 - x0, y1 - y0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return image[max(0, int(cy - half)):min(height, int(cy + half) + 1), max(0, int(cx - half)):min(width, int(cx + half) + 1)]
+    return max(0, int(cx - half)), max(0, int(cy - half)), min(width, int(cx + half) + 1), min(height, int(cy + half) + 1)
+
+
+def object_crop(image: np.ndarray, box: list[int], margin: float = 0.25) -> np.ndarray:
+    """A square crop of `image` centred on `box` ([x0, y0, x1, y1)), `margin` of its longer side on each side."""
+    x0, y0, x1, y1 = crop_window(image.shape[:2], box, margin)
+    return image[y0:y1, x0:x1]
+
+
+def anywhere_window(image_size: tuple[int, int], box: list[int], rng: np.random.Generator,
+                    fill: tuple[float, float] = (0.35, 0.9)) -> tuple[int, int, int, int]:
+    """A square window [x0, y0, x1, y1) that holds `box` whole at a random place, the box's longer side a random
+    `fill` fraction of the window's side (less when the image is too small for that)."""
+    height, width = image_size
+    x0, y0, x1, y1 = box
+    side = int(min(height, width, max(x1 - x0, y1 - y0) / rng.uniform(*fill)))
+    left = int(rng.integers(max(0, x1 - side), max(0, x1 - side, min(x0, width - side)) + 1))
+    top = int(rng.integers(max(0, y1 - side), max(0, y1 - side, min(y0, height - side)) + 1))
+    return left, top, left + side, top + side
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string, whether it is a close-up) from train scene i // k (k items
-    per scene); S is `image_size` (default: the world's size).
+    """Item i: (image (3, S, S) normalised, caption string, the object's box (4,) in the image's [0, 1] coordinates for
+    a close-up, else NaNs) from train scene i // k (k items per scene); S is `image_size` (default: the world's size).
 
-    Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views,
-    a crop around one object captioned "a photo of a red star" (chosen deterministically from i).
+    Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views of one object
+    (chosen deterministically from i) captioned "a photo of a red star": `views` "centred" crops around it (10-40%
+    margins), "anywhere" puts it anywhere in a square window it fills 35-90% of (`anywhere_window`).
     Scenes are generated on first use and kept in memory.
     """
 
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
                  close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
-                 image_size: int | None = None):
+                 image_size: int | None = None, views: str = "centred"):
         self.world, self.scenes, self.k, self.split = world, scenes, captions_per_scene, split
         self.image_size = image_size or world.size[0]
-        self.close_ups, self.mean, self.std = close_ups, mean, std
+        self.close_ups, self.mean, self.std, self.views = close_ups, mean, std, views
         self._cache: dict[int, tuple[np.ndarray, list[str], list]] = {}
 
     def __len__(self) -> int:
         return self.scenes * self.k
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, bool]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
@@ -63,10 +86,17 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         rng = np.random.default_rng([index, 17])
         if rng.random() < self.close_ups:
             box, name = objects[int(rng.integers(len(objects)))]
-            crop = object_crop(image, box, margin=rng.uniform(0.1, 0.4))
+            if self.views == "centred":
+                x0, y0, x1, y1 = crop_window(image.shape[:2], box, margin=rng.uniform(0.1, 0.4))
+            else:
+                x0, y0, x1, y1 = anywhere_window(image.shape[:2], box, rng)
+            inside = torch.tensor([(box[0] - x0) / (x1 - x0), (box[1] - y0) / (y1 - y0),
+                                   (box[2] - x0) / (x1 - x0), (box[3] - y0) / (y1 - y0)])
             article = "an" if name[0] in "aeiou" else "a"
-            return to_tensor(crop, self.mean, self.std, self.image_size), f"a photo of {article} {name}.", True
-        return to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)], False
+            return (to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size),
+                    f"a photo of {article} {name}.", inside)
+        return (to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)],
+                torch.full((4,), float("nan")))
 
 
 class PatchCLIP(torch.nn.Module):
@@ -85,21 +115,23 @@ class PatchCLIP(torch.nn.Module):
         return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
 
 
-def centre_tokens(grid: int) -> torch.Tensor:
-    """(grid * grid,) bool: the tokens of the middle half of a grid x grid patch grid (rows and columns)."""
-    inside = torch.zeros(grid, dtype=torch.bool)
-    inside[grid // 4: grid - grid // 4] = True
-    return (inside[:, None] & inside[None]).flatten()
+def tokens_inside(boxes: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, 4) boxes in [0, 1] image coordinates -> (B, grid * grid) bool: the patches whose centres lie inside."""
+    centres = (torch.arange(grid, device=boxes.device) + 0.5) / grid
+    inside_x = (centres >= boxes[:, 0:1]) & (centres < boxes[:, 2:3])  # (B, grid)
+    inside_y = (centres >= boxes[:, 1:2]) & (centres < boxes[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
 
 
 def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
-    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every central patch embedding of a close-up
-    (`centre_tokens`, on the object) is classified among the rank's captions by the same scaled cosine, its own caption
-    the target (others with the same text left out), and the cross-entropy, averaged over the tokens, is added with
-    that weight. It asks each object token, not only their pool, to name the object."""
-    images, tokens, close_up = batch
+    batch: (images (B, 3, H, W), tokens (B, L), close-up boxes (B, 4), NaN rows for whole scenes).
+    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding of a close-up whose
+    centre lies on the object's box (`tokens_inside`) is classified among the rank's captions by the same scaled
+    cosine, its own caption the target (others with the same text left out), and the cross-entropy, averaged over
+    those tokens, is added with that weight. It asks each object token, not only their pool, to name the object."""
+    images, tokens, boxes = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -107,16 +139,15 @@ def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor
     loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
         image_features, text_features, logit_scale)
     values = {"loss": loss, "logit_scale": logit_scale.detach()}
-    if token_weight and close_up.any():
-        patches = outputs[3]
-        centre = centre_tokens(int(round(patches.shape[1] ** 0.5))).to(patches.device)
-        own = torch.nonzero(close_up).squeeze(1)
-        patches = F.normalize(patches[own][:, centre], dim=-1)  # (n, c, D)
-        logits = logit_scale * patches @ text_features.T  # (n, c, B)
+    own = torch.nonzero(~boxes[:, 0].isnan()).squeeze(1)
+    if token_weight and len(own):
+        patches = F.normalize(outputs[3][own], dim=-1)  # (n, h*w, D)
+        inside = tokens_inside(boxes[own].to(patches.device), int(round(patches.shape[1] ** 0.5)))  # (n, h*w)
+        logits = logit_scale * patches @ text_features.T  # (n, h*w, B)
         twins = (tokens[own][:, None] == tokens[None]).all(dim=-1)  # (n, B): the same caption text
         twins[torch.arange(len(own)), own] = False
         logits = logits.masked_fill(twins[:, None], float("-inf"))
-        token_loss = F.cross_entropy(logits.flatten(0, 1), own.repeat_interleave(patches.shape[1]))
+        token_loss = F.cross_entropy(logits[inside], own[:, None].expand_as(inside)[inside])
         values |= {"loss": loss + token_weight * token_loss, "clip_loss": loss.detach(), "token_loss": token_loss.detach()}
     return values
 
@@ -210,6 +241,7 @@ class PretrainConfig(TrainSection):
     scenes: int = 20000
     captions_per_scene: int = 3
     close_ups: float = 0.0
+    close_up_views: str = "centred"
     token_loss: float = 0.0
     eval_scenes: int = 200
     train: dict = field(default_factory=dict)
@@ -223,6 +255,7 @@ class PretrainConfig(TrainSection):
         checks.integer("scenes", self.scenes, minimum=1)
         checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
         checks.number("close_ups", self.close_ups, minimum=0, maximum=1)
+        checks.choice("close_up_views", self.close_up_views, CLOSE_UP_VIEWS)
         checks.number("token_loss", self.token_loss, minimum=0)
         layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
         if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
@@ -258,11 +291,11 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     tokenizer = open_clip.get_tokenizer(config.model)
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
     data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups,
-                             image_size=backbone.image_size)
+                             image_size=backbone.image_size, views=config.close_up_views)
 
     def collate(items):
-        images, texts, close_ups = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.tensor(close_ups)
+        images, texts, boxes = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(boxes)
 
     def evaluate(_model):
         scores = zero_shot_crops(backbone, world, config.eval_scenes)
