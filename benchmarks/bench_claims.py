@@ -34,19 +34,18 @@ from tqdm import tqdm
 from ovdense.backbones import load_clip
 from ovdense.data.detection import DetectionDataset
 from ovdense.data.export import scene_index
-from ovdense.data.images import load_image
 from ovdense.data.synthetic import SyntheticWorld
-from ovdense.detection.images import prepare_image
 from ovdense.detection.predictor import DetectionPredictor, GroundingPredictor
 from ovdense.eval import SegmentationMetric
 from ovdense.eval.bootstrap import ap50_statistic, bootstrap, difference, iou_statistic, mean_over, rate_statistic
 from ovdense.eval.detection import evaluate_detection, pipe_table, scored_categories
 from ovdense.eval.grounding import grounding_hits, read_grounding
 from ovdense.methods import MaskCLIP, load_detector, load_method
-from ovdense.methods.regionclip import RegionEncoder, region_logits
 from ovdense.predictor import SegmentationPredictor
 from ovdense.presets import get_detection_protocol
-from ovdense.text import TextEmbeddingCache, Vocabulary, resolve_templates
+from ovdense.text import Vocabulary
+
+from bench_regionclip_synthetic import region_predictions  # the benchmarks' folder is on sys.path
 
 # run folder (under RUNS/seedS) -> its exported file, as benchmarks/train_claims.sh writes them
 RUNS = {"tcl": "tcl.safetensors", "denseclip": "denseclip.safetensors", "denseclip-baseline": "denseclip.safetensors",
@@ -92,25 +91,12 @@ class Scorer:
             union[i] = confusion.sum(0) + confusion.sum(1) - inter[i]
         return iou_statistic(inter, union, classes)
 
-    @torch.no_grad()
-    def region_hits(self, clip, desc: str, short: int = 192, resolution: int = 7):
+    def region_hits(self, clip):
         """Per scene, whether each novel thing's exact box is named right among the 12 thing names (the RegionCLIP
         recipes' region encoder: res4, RoIAlign 7x7, res5 and the attention pool, at 192 px)."""
-        encoder = RegionEncoder(clip, resolution).eval()
-        text = TextEmbeddingCache().embed(clip, self.detection.vocabulary.names, resolve_templates("single"),
-                                          raw_mean=True)
-        hits = [[] for _ in range(self.scenes)]
-        for path, image_id in tqdm(self.detection.items[:self.scenes], desc=desc, leave=False):
-            rgb = load_image(path)
-            pixels = prepare_image(rgb, short, 4 * short, clip.image_mean, clip.image_std)[None]
-            annotations = self.detection.coco.loadAnns(self.detection.coco.getAnnIds(imgIds=image_id))
-            boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                                  for a in annotations], dtype=torch.float32) * (pixels.shape[-1] / rgb.shape[1])
-            predicted = region_logits(encoder(pixels, [boxes]), text, background=False).argmax(dim=1).tolist()
-            hits[image_id - 1] = [self.detection.category_ids[p] == a["category_id"]
-                                  for a, p in zip(annotations, predicted)
-                                  if self.detection.category_split[a["category_id"]] == "novel"]
-        return rate_statistic(hits)
+        predictions = region_predictions(clip, self.detection, short=192, resolution=7, limit=self.scenes)
+        return rate_statistic([[right for split, right in predictions.get(i + 1, []) if split == "novel"]
+                               for i in range(self.scenes)])
 
     def novel_ap50(self, predictor):
         """COCO AP50 over the novel things of a detector's predictor."""
@@ -184,8 +170,8 @@ def main() -> None:
         claim("DenseCLIP", "mIoU, all classes", "language-guided", "no language", dense["denseclip"],
               dense["denseclip-baseline"])
     if "regionclip" in only:
-        teacher = score.region_hits(load_clip("ovdense-tiny-rn", args.rn), "teacher")
-        student = seeded("regionclip-pretrain", lambda p: score.region_hits(load_clip("ovdense-tiny-rn", str(p)), "student"))
+        teacher = score.region_hits(load_clip("ovdense-tiny-rn", args.rn))
+        student = seeded("regionclip-pretrain", lambda p: score.region_hits(load_clip("ovdense-tiny-rn", str(p))))
         claim("RegionCLIP", "novel regions, exact boxes, top-1", "student", "CLIP teacher", student, teacher)
         protocol = get_detection_protocol("synthetic-detection")
         detectors = {name: seeded(name, lambda p: score.novel_ap50(
@@ -195,10 +181,10 @@ def main() -> None:
               detectors["regionclip-clipinit"])
     if "glip" in only:
         protocol = get_detection_protocol("glip-synthetic")
-        ap50 = {name: seeded(name, lambda p: score.novel_ap50(GroundingPredictor(load_detector("glip", str(p))[0], protocol)))
-                for name in ("glip", "glip-a", "glip-student")}
-        recall = {name: seeded(name, lambda p: score.novel_recall(GroundingPredictor(load_detector("glip", str(p))[0], protocol)))
-                  for name in ("glip", "glip-a")}
+        grounders = {name: [GroundingPredictor(load_detector("glip", str(p))[0], protocol) for p in runs(name)]
+                     for name in ("glip", "glip-a", "glip-student")}  # each loaded once for both measures
+        ap50 = {name: mean_over([score.novel_ap50(g) for g in grounders[name]]) for name in grounders}
+        recall = {name: mean_over([score.novel_recall(g) for g in grounders[name]]) for name in ("glip", "glip-a")}
         claim("GLIP", "novel AP50", "deep fusion", "no fusion", ap50["glip"], ap50["glip-a"])
         claim("GLIP", "novel R@1", "deep fusion", "no fusion", recall["glip"], recall["glip-a"])
         claim("GLIP", "novel AP50", "student", "teacher", ap50["glip-student"], ap50["glip"])

@@ -29,13 +29,14 @@ from ovdense.text import TextEmbeddingCache, resolve_templates
 
 
 @torch.no_grad()
-def region_recognition(clip, dataset: DetectionDataset, short: int, resolution: int, templates: str = "single",
-                       limit: int | None = None) -> dict:
-    """Top-1 accuracy (%) of ground-truth boxes among all category names, over base and novel categories."""
+def region_predictions(clip, dataset: DetectionDataset, short: int, resolution: int, templates: str = "single",
+                       limit: int | None = None) -> dict[int, list[tuple[str, bool]]]:
+    """{image id: [(the thing's split, 'base' or 'novel'; whether its ground-truth box is named right among all
+    category names) for each box]} over the first `limit` images."""
     encoder = RegionEncoder(clip, resolution).eval()
     names = dataset.vocabulary.names
     text = TextEmbeddingCache().embed(clip, names, resolve_templates(templates), raw_mean=True)
-    correct = {"base": [], "novel": []}
+    predictions = {}
     for path, image_id in list(dataset)[:limit]:
         rgb = load_image(path)
         pixels = prepare_image(rgb, short, 4 * short, clip.image_mean, clip.image_std)[None]
@@ -44,8 +45,18 @@ def region_recognition(clip, dataset: DetectionDataset, short: int, resolution: 
         boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                               for a in annotations], dtype=torch.float32)
         predicted = region_logits(encoder(pixels, [boxes * scale]), text, background=False).argmax(dim=1)
-        for a, p in zip(annotations, predicted.tolist()):
-            correct[dataset.category_split[a["category_id"]]].append(dataset.category_ids[p] == a["category_id"])
+        predictions[image_id] = [(dataset.category_split[a["category_id"]], dataset.category_ids[p] == a["category_id"])
+                                 for a, p in zip(annotations, predicted.tolist())]
+    return predictions
+
+
+def region_recognition(clip, dataset: DetectionDataset, short: int, resolution: int, templates: str = "single",
+                       limit: int | None = None) -> dict:
+    """Top-1 accuracy (%) of ground-truth boxes among all category names, over base and novel categories."""
+    correct = {"base": [], "novel": []}
+    for boxes in region_predictions(clip, dataset, short, resolution, templates, limit).values():
+        for split, right in boxes:
+            correct[split].append(right)
     return {split: 100 * sum(v) / max(1, len(v)) for split, v in correct.items()}
 
 

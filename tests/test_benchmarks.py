@@ -1,5 +1,6 @@
 """The benchmarks measure what they say: bench_speed counts what torch's FLOP counter does not know as the work it
-stands for, and bench_claims' per-scene statistics equal the evaluators on all scenes."""
+stands for, and bench_claims' per-scene statistics equal the evaluators (and bench_regionclip_synthetic's region
+recognition) on all scenes."""
 import sys
 from pathlib import Path
 
@@ -71,6 +72,11 @@ def test_the_claims_statistics_equal_the_evaluators_on_all_scenes(tmp_path):
                                   get_detection_protocol("synthetic-detection"))
     expected = evaluate_detection(detector, dataset, "ov-coco", progress=False)["AP50_novel"]
     assert score.novel_ap50(detector)(everything) == pytest.approx(expected, abs=1e-6)
+
+    import bench_regionclip_synthetic
+    teacher = load_clip("ovdense-tiny-rn", "synthetic")
+    expected = bench_regionclip_synthetic.region_recognition(teacher, dataset, 192, 7)["novel"]
+    assert score.region_hits(teacher)(everything) == pytest.approx(expected, abs=1e-6)
 
     grounder = GroundingPredictor(load_detector("glip", weights="synthetic")[0], get_detection_protocol("glip-synthetic"))
     expected = evaluate_grounding(grounder, data / "grounding_val.jsonl", progress=False)["R@1_novel"]
