@@ -48,7 +48,7 @@ def test_intervals_cover_the_value_shrink_with_items_and_pair_comparisons():
     assert many.high - many.low < 0.5 * (few.high - few.low)
     assert 64 < many.low < 70 < many.high < 76  # the binomial standard error is 1.45 points
 
-    first, second = _segmentation_items(rng, items=40), _segmentation_items(rng, items=40)
+    first = _segmentation_items(rng, items=40)
     a = iou_statistic(*_counts(*first), classes=range(5))
     same = bootstrap(difference(a, a), 40)
     assert (same.value, same.low, same.high) == (0, 0, 0)
