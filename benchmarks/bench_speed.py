@@ -2,7 +2,7 @@
 
 One run prints:
   1. the limit: fp32 (and bf16) matmul GFLOP/s and a 3x3 convolution's, measured here;
-  2. per path and stage: GFLOP (of the straightforward forms, `ovdense.ops.straightforward`, as the official code
+  2. per path and stage: GFLOP (of the straightforward forms, `ovdense.methods.straightforward`, as the official code
      computes them; the fast forms do less, counted in "done"), seconds, GFLOP/s and % of the fp32 matmul limit:
        GLIP-T           Swin-T + BERT-base + 6 fusion layers, 1088x800 (a 640x480 image at the COCO test size),
                         20 COCO classes in one prompt
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ovdense.ops.straightforward import straightforward_forms
+from ovdense.methods.straightforward import straightforward_forms
 
 COCO_20 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
            "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow"]

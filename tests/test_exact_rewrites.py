@@ -1,12 +1,12 @@
-"""The fast forms of the inference paths equal their straightforward forms (`ovdense.ops.straightforward`): GLIP's
+"""The fast forms of the inference paths equal their straightforward forms (`ovdense.methods.straightforward`): GLIP's
 folded bi-attention, the CPU deformable convolution, CLIP's folded global attention pool."""
 import pytest
 import torch
 from torchvision.ops import deform_conv2d as torchvision_deform_conv2d
 
 from ovdense.backbones import load_clip
+from ovdense.methods import straightforward
 from ovdense.methods.glip import BiAttention
-from ovdense.ops import straightforward
 from ovdense.ops.deform_conv import deform_conv2d
 
 

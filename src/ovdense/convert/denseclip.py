@@ -31,10 +31,10 @@ import open_clip
 import torch
 
 from ..backbones import load_clip
-from ..engine.trainer import trained_state
 from ..errors import CheckpointError, UsageError
 from ..methods.denseclip import TEXT_TOWER, DenseCLIP
 from ..presets import PRESETS
+from ..state import trained_state
 from .regionclip import read_official
 
 # mmseg's ADE20KDataset.CLASSES, which the official models tokenized (its 'bed ' has a trailing space, which the

@@ -122,7 +122,8 @@ def phrase_record(text: str, spans: list[tuple[int, int]], boxes: list[list[floa
 
 def record_prompt(record: dict):
     """A record read by `read_records` -> the GroundingPrompt of its caption and phrases (their known spans)."""
-    from ..detection.grounding import GroundingPrompt
+    # imported here: the ovdense.text package imports torch, this module does not
+    from ..text.prompts import GroundingPrompt
     phrases = record["phrases"]
     return GroundingPrompt(record["caption"], [p["text"] for p in phrases], [p["spans"] for p in phrases])
 

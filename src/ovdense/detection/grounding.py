@@ -10,26 +10,15 @@ chunker, or are given.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import InputError
+from ..text.prompts import GroundingPrompt, Span
 
-Span = tuple[int, int]
 SEPARATOR = ". "
-
-
-@dataclass
-class GroundingPrompt:
-    """caption: the text the model reads; phrases: what each phrase is called (a class name or the caption's words);
-    spans: per phrase, its character spans [start, end) in the caption."""
-
-    caption: str
-    phrases: list[str]
-    spans: list[list[Span]]
 
 
 def clean_name(name: str) -> str:

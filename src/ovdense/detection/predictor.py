@@ -12,8 +12,9 @@ from ..data.images import load_image
 from ..errors import InputError
 from ..presets import DetectionProtocol, get_detection_protocol
 from ..text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary
+from ..text.prompts import GroundingPrompt
 from .atss import to_continuous
-from .grounding import GroundingPrompt, caption_prompt, chunk_classes, class_prompt, positive_map
+from .grounding import caption_prompt, chunk_classes, class_prompt, positive_map
 from .images import pad_batch, prepare_image
 from .postprocess import select_detections, select_pairs
 from .structures import DetectionResult, GroundingResult

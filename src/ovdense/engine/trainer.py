@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..distributed import init_distributed
 from ..errors import CheckpointError, InputError
 from ..io import atomic_path
+from ..state import load_trained_state, trained_state
 from . import checks
 
 SCHEDULES = ("cosine", "poly")
@@ -114,27 +115,6 @@ def batch_positions(step: int, micro: int, config: TrainConfig, size: int, rank:
 @lru_cache(maxsize=4)
 def _epoch_order(seed: int, epoch: int, size: int) -> list[int]:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's trainable parameters and its buffers (e.g. BatchNorm statistics); frozen weights are left out
-    of checkpoints, they come from where the model was built from."""
-    keep = {name for name, p in model.named_parameters() if p.requires_grad}
-    keep |= {name for name, _ in model.named_buffers()}
-    return {k: v for k, v in model.state_dict().items() if k in keep}
-
-
-def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a `trained_state`; every trainable parameter and buffer must be in it, and nothing else."""
-    missing = sorted(set(trained_state(model)) - set(state))
-    unexpected = sorted(set(state) - set(model.state_dict()))
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not fit this {type(model).__name__}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    try:
-        model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # tensors of other shapes: another model size
-        raise CheckpointError(f"{source} does not fit this {type(model).__name__}: {error}") from error
 
 
 _ELSEWHERE = "start afresh with --restart (the file is replaced once the new run checkpoints) or train into another --output"

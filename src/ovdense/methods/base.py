@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..backbones import CLIPBackbone, load_clip
-from ..engine.trainer import load_trained_state, trained_state
 from ..errors import CheckpointError
 from ..io import atomic_path
+from ..state import load_trained_state, trained_state
 from ..text import TextEmbeddingCache
 
 

@@ -14,16 +14,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
+from ..backbones.clip import CLIPBackbone
+from . import glip
+
 
 def bi_attention(module, v: torch.Tensor, l: torch.Tensor, text_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """`BiAttention.forward` unfolded (inference: no dropout): v (B, N, v_dim), l (B, T, l_dim) -> (dv, dl)."""
-    from ..methods.glip import clamp
-    heads = lambda x: x.reshape(x.shape[0], x.shape[1], module.heads, -1).transpose(1, 2)  # noqa: E731
+    def heads(x):
+        return x.reshape(x.shape[0], x.shape[1], module.heads, -1).transpose(1, 2)
     q = heads(module.v_proj(v))
-    logits = clamp(q * q.shape[-1] ** -0.5 @ heads(module.l_proj(l)).transpose(-1, -2))  # (B, H, N, T)
+    logits = glip.clamp(q * q.shape[-1] ** -0.5 @ heads(module.l_proj(l)).transpose(-1, -2))  # (B, H, N, T)
     text_side = logits.transpose(-1, -2)
-    text_side = clamp(text_side - text_side.amax(dim=-1, keepdim=True)).softmax(dim=-1)  # over positions
+    text_side = glip.clamp(text_side - text_side.amax(dim=-1, keepdim=True)).softmax(dim=-1)  # over positions
     image_side = logits.masked_fill(~text_mask[:, None, None, :], -9e15).softmax(dim=-1)  # over tokens
     dv = (image_side @ heads(module.values_l_proj(l))).transpose(1, 2).flatten(2)
     dl = (text_side @ heads(module.values_v_proj(v))).transpose(1, 2).flatten(2)
@@ -47,8 +50,6 @@ def global_attention_pool(clip, x: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def straightforward_forms():
     """Run GLIP, RegionCLIP and CLIP with the straightforward forms inside the block."""
-    from ..backbones.clip import CLIPBackbone
-    from ..methods import glip
     saved = glip.BiAttention.forward, glip.deform_conv2d, CLIPBackbone.global_attention_pool
     glip.BiAttention.forward, glip.deform_conv2d = bi_attention, deform_conv2d
     CLIPBackbone.global_attention_pool = global_attention_pool
