@@ -476,12 +476,12 @@ def test_torchscript_weights_match_torch_jit_load(tmp_path, dtype):
 @pytest.fixture(scope="module")
 def shipped_models():
     """The shipped DenseCLIP segmenter and the shipped RegionCLIP and GLIP detectors (the tiny synthetic models)."""
-    from ovdense.demo import shipped_method
+    from ovdense.shipped import shipped
     from ovdense.detection.predictor import DetectionPredictor, GroundingPredictor
     from ovdense.methods import load_detector
     from ovdense.predictor import build_predictor
-    denseclip = shipped_method("denseclip")
-    segmenter = build_predictor(method="denseclip", checkpoint=str(denseclip.checkpoint), preset="synthetic")
+    denseclip = shipped("segmenter", "denseclip")
+    segmenter = build_predictor(method="denseclip", checkpoint=str(denseclip.path), preset="synthetic")
     regionclip, regionclip_preset = load_detector("regionclip", None, "synthetic", "cpu")
     glip, glip_preset = load_detector("glip", None, "synthetic", "cpu")
     return (segmenter, DetectionPredictor(regionclip, regionclip_preset),

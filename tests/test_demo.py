@@ -9,8 +9,8 @@ from PIL import Image
 from ovdense.cli import main
 from ovdense.data.export import scene_index
 from ovdense.data.synthetic import SyntheticWorld
-from ovdense.demo import (SHIPPED_METHODS, check_detections, check_grounding, check_scene, grounding_caption,
-                          shipped_method, world_labels)
+from ovdense.demo import check_detections, check_grounding, check_scene, grounding_caption, world_labels
+from ovdense.shipped import of_kind, shipped
 from ovdense.detection.structures import DetectionResult, GroundingResult
 
 
@@ -37,11 +37,11 @@ def test_world_labels_map_a_vocabulary_by_name():
 
 
 def test_shipped_methods_exist_and_the_first_is_the_best():
-    for method in SHIPPED_METHODS:
-        assert method.checkpoint is None or method.checkpoint.is_file()
-    best = shipped_method()
-    assert best is SHIPPED_METHODS[0]
-    assert all(best.miou >= m.miou for m in SHIPPED_METHODS)
+    for method in of_kind("segmenter"):
+        assert method.path is None or method.path.is_file()
+    best = shipped("segmenter")
+    assert best is of_kind("segmenter")[0]
+    assert all(best.metrics["mIoU"] >= m.metrics["mIoU"] for m in of_kind("segmenter"))
 
 
 def test_demo_reports_what_its_files_show(tmp_path, capsys):
@@ -58,7 +58,7 @@ def test_demo_reports_what_its_files_show(tmp_path, capsys):
     assert check["pixel_accuracy"] == report["check"]["pixel_accuracy"]
     assert check["things"] == report["check"]["things"]
     assert f"pixel accuracy {check['pixel_accuracy']:.1f}%" in out
-    assert f"method: {SHIPPED_METHODS[0].title}, the best that ships" in out
+    assert f"method: {shipped('segmenter').title}, the best that ships" in out
     assert out.split("\ndetection:")[0].count(scene.captions[0].text) == 1  # captions listed once
     assert check["pixel_accuracy"] > 70
     # the shipped detector on the same scene: the printed verdicts are those of the written boxes

@@ -230,8 +230,8 @@ def test_a_name_outside_the_training_classes_changes_nothing_under_pamr():
     """The shipped head with the `synthetic` preset (PAMR on): adding an unknown name leaves every label as it was
     (an -inf logit once turned the whole map into NaN and then into class 0)."""
     from ovdense.data.export import scene_index
-    from ovdense.demo import shipped_method
-    method = load_method("denseclip", checkpoint=str(shipped_method("denseclip").checkpoint)).eval()
+    from ovdense.shipped import shipped
+    method = load_method("denseclip", checkpoint=str(shipped("segmenter", "denseclip").path)).eval()
     predictor = SegmentationPredictor(method, "synthetic")
     image = SyntheticWorld().scene(scene_index("val", 0)).image
     known = predictor(image, ["sky", "sand"]).labels

@@ -93,11 +93,9 @@ def test_detection_eval_writes_metrics_equal_to_scoring_its_results(checkpoint, 
 
 
 def test_an_unshipped_packaged_detector_says_how_to_make_it(images, tmp_path, capsys, monkeypatch):
-    from ovdense import methods
+    from ovdense import shipped
     good, _, _ = images
-    path, command, preset = methods.PACKAGED_DETECTORS[("regionclip", "synthetic")]
-    monkeypatch.setitem(methods.PACKAGED_DETECTORS, ("regionclip", "synthetic"),
-                        (tmp_path / "missing.safetensors", command, preset))
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", tmp_path)  # no shipped file there
     code = main(["detect", str(good), "--classes", "red", "--method", "regionclip", "--weights", "synthetic",
                  "--output", str(tmp_path / "out")])
     assert code == 1 and "configs/regionclip_tiny_synthetic.yaml" in capsys.readouterr().err

@@ -392,13 +392,14 @@ def test_the_cli_serves_until_sigterm_and_reports_a_taken_port(scene, tmp_path):
 
 
 def test_a_method_named_on_the_shipped_clip_gets_its_shipped_checkpoint():
-    from ovdense.cli import _use_shipped_method, build_parser
+    from ovdense.cli import build_parser
+    from ovdense.cli.build import use_shipped_method
     args = build_parser().parse_args(["serve", "--method", "denseclip"])
-    assert _use_shipped_method(args).method == args.method == "denseclip" and args.checkpoint.endswith(".safetensors")
+    assert use_shipped_method(args).name == args.method == "denseclip" and args.checkpoint.endswith(".safetensors")
     args = build_parser().parse_args(["serve", "--method", "maskclip"])
-    assert _use_shipped_method(args).method == args.method == "maskclip" and args.checkpoint is None
+    assert use_shipped_method(args).name == args.method == "maskclip" and args.checkpoint is None
     args = build_parser().parse_args(["serve", "--model", "ViT-B-16", "--weights", "openai", "--method", "tcl"])
-    assert _use_shipped_method(args) is None and args.checkpoint is None
+    assert use_shipped_method(args) is None and args.checkpoint is None
 
 
 def test_large_uploads_stay_in_memory(predictor, monkeypatch):

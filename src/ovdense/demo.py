@@ -1,8 +1,8 @@
-"""`ovdense demo`, the offline main job: segment a val scene of the synthetic world with the best method that
-ships in the package, and check every label against the scene's exact ground truth."""
+"""The checks of `ovdense demo`, the offline main job: a val scene of the synthetic world segmented, detected and
+grounded by the shipped models (ovdense.shipped), every label and box checked against the scene's exact ground
+truth. The command and its printed verdicts are cli/demo.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,54 +16,6 @@ from .detection.structures import DetectionResult, GroundingResult
 from .io import atomic_path
 from .predictor import SegmentationResult
 from .visualize import overlay
-
-_WEIGHTS = Path(__file__).resolve().parent / "weights"
-BENCHMARK_COMMAND = ("python benchmarks/bench_synthetic_methods.py --scenes 200 "
-                     "--tcl src/ovdense/weights/tcl-tiny-vit-synthetic.safetensors "
-                     "--denseclip src/ovdense/weights/denseclip-tiny-vit-synthetic.safetensors")
-
-
-@dataclass(frozen=True)
-class ShippedMethod:
-    """A method that segments the synthetic world with the shipped tiny CLIP, and what it scored there.
-
-    miou, base_iou, novel_iou: mean IoU (%) over all 20 classes / the base things / the novel things on the
-    200 first val scenes (BENCHMARK_COMMAND). The demo runs the shipped method with the best `miou`.
-    """
-
-    method: str
-    checkpoint: Path | None  # None: training-free
-    command: str  # how it was made
-    miou: float
-    base_iou: float
-    novel_iou: float
-
-    @property
-    def title(self) -> str:
-        return f"{self.method} ({'shipped checkpoint' if self.checkpoint else 'training-free'})"
-
-
-SHIPPED_METHODS = (  # best first
-    ShippedMethod("denseclip", _WEIGHTS / "denseclip-tiny-vit-synthetic.safetensors",
-                  "ovdense train denseclip --config configs/denseclip_tiny_synthetic.yaml", 54.2, 32.6, 0.0),
-    ShippedMethod("tcl", _WEIGHTS / "tcl-tiny-vit-synthetic.safetensors",
-                  "ovdense train tcl --config configs/tcl_tiny_synthetic.yaml", 29.6, 1.2, 0.8),
-    ShippedMethod("maskclip", None, "training-free", 11.5, 3.9, 1.5),
-)
-
-
-def shipped_method(method: str | None = None) -> ShippedMethod | None:
-    """The best shipped method, or the shipped one named `method` (None if that method ships no checkpoint)."""
-    return next((m for m in SHIPPED_METHODS if method in (None, m.method)), None)
-
-
-def why(chosen: ShippedMethod) -> str:
-    """One line saying how `chosen` compares with the other shipped methods."""
-    def scores(m):
-        return f"{m.miou:.1f} / {m.base_iou:.1f} / {m.novel_iou:.1f}"
-    others = "; ".join(f"{m.title} {scores(m)}" for m in SHIPPED_METHODS if m is not chosen)
-    return (f"mIoU all / base things / novel things on 200 val scenes {scores(chosen)}, against {others} "
-            f"(measured by {BENCHMARK_COMMAND})")
 
 
 def world_indices(class_names: list[str], world: SyntheticWorld) -> list[int]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbones.loading import HF_CLIP, PACKAGED_WEIGHTS, is_model_folder
+from .backbones.loading import HF_CLIP, is_model_folder
 from .data.images import load_image
 from .data.synthetic import world_words
 from .catalog import TRAINED_METHODS
@@ -22,6 +22,7 @@ from .errors import InputError, UsageError
 from .ops import (PAMR, crop_padding, crop_windows, merge_windows, resize_image, short_side_size, sliding_windows,
                   upsampled_rows)
 from .presets import Protocol, get_protocol
+from .shipped import shipped
 from .text import DEFAULT_CACHE, TextEmbeddingCache, Vocabulary, resolve_templates
 
 logger = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ class SegmentationPredictor:
 
     def _warn_unknown_words(self, queries: list[str]) -> None:
         """The shipped CLIPs read only the synthetic world's captions: a name with other words gets a warning (once)."""
-        if (self.backbone.name, self.backbone.weights) not in PACKAGED_WEIGHTS:
+        if shipped("clip", self.backbone.name, self.backbone.weights) is None:
             return
         known = world_words()
         unknown = [q for q in queries if q not in self._warned and not set(re.findall(r"[a-z]+", q.lower())) <= known]

@@ -9,7 +9,6 @@ import pickle
 import socket
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import urlparse
 
 import huggingface_hub
@@ -17,6 +16,7 @@ import open_clip
 import torch
 
 from ..errors import CheckpointError, UsageError
+from ..shipped import SHIPPED_TAG, shipped
 from .clip import CLIPBackbone
 
 RANDOM_WEIGHTS = "random"
@@ -24,28 +24,6 @@ HF_CLIP = "hf-clip"  # the architecture of a transformers CLIPModel folder given
 _PACKAGE = Path(__file__).resolve().parent.parent
 open_clip.add_model_config(_PACKAGE / "model_configs")  # the ovdense-tiny-* architectures
 
-
-class PackagedWeights(NamedTuple):
-    """Weights shipped inside the package, with what a user needs to use them well (as torchvision's weights)."""
-
-    path: Path
-    command: str  # how they were made
-    preset: str  # the recommended inference protocol (ovdense.presets)
-    description: str
-
-
-PACKAGED_WEIGHTS = {
-    ("ovdense-tiny-vit", "synthetic"): PackagedWeights(
-        _PACKAGE / "weights" / "ovdense-tiny-vit-synthetic.safetensors",
-        "ovdense train clip --config configs/tiny_clip_vit_synthetic.yaml", "synthetic",
-        "a 4-layer ViT CLIP trained from scratch on the synthetic world's captions; offline, knows only that "
-        "world's words"),
-    ("ovdense-tiny-rn", "synthetic"): PackagedWeights(
-        _PACKAGE / "weights" / "ovdense-tiny-rn-synthetic.safetensors",
-        "ovdense train clip --config configs/tiny_clip_rn_synthetic.yaml", "synthetic",
-        "a 4-stage ResNet CLIP (attention pool) trained from scratch on the synthetic world's captions; offline, "
-        "the trunk of the synthetic RegionCLIP detector"),
-}
 _HOW_TO_GET_WEIGHTS = (
     "To use real CLIP weights either (a) run once on a machine with internet access so that open_clip "
     "caches them (e.g. `python -c \"import open_clip; open_clip.create_model('ViT-B-16', pretrained='openai')\"`) "
@@ -249,8 +227,8 @@ def load_clip(name: str | None, weights: str, device: str = "cpu", precision: st
             model = open_clip.create_model(name, **kwargs)
         except Exception as error:  # hub errors come in many types
             raise WeightsNotFoundError(f"could not load {name}: {error}. {_HOW_TO_GET_WEIGHTS}") from error
-    elif (name, weights) in PACKAGED_WEIGHTS:
-        path, command = PACKAGED_WEIGHTS[(name, weights)][:2]
+    elif (packaged := shipped("clip", name, weights)) is not None:
+        path, command = packaged.path, packaged.command
         if not path.is_file():
             raise WeightsNotFoundError(f"the packaged weights {path.name} are missing (reinstall ovdense); to make "
                                        f"them, run `{command} --output runs/clip` and copy runs/clip/{path.name} "
@@ -266,7 +244,7 @@ def load_clip(name: str | None, weights: str, device: str = "cpu", precision: st
             raise WeightsNotFoundError(f"checkpoint file {path} does not exist. {_HOW_TO_GET_WEIGHTS}")
         model = _from_file(name, path, device, precision)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(name) + [t for n, t in PACKAGED_WEIGHTS if n == name]
+        tags = open_clip.list_pretrained_tags_by_model(name) + [SHIPPED_TAG] * bool(shipped("clip", name))
         if weights not in tags:
             raise ValueError(f"{weights!r} is neither a file nor a pretrained tag of {name}; "
                              f"known tags: {', '.join(tags) or 'none'}")

@@ -22,11 +22,12 @@ from typing import Callable
 import open_clip
 import yaml
 
-from ..backbones.loading import HF_CLIP, PACKAGED_WEIGHTS, RANDOM_WEIGHTS, is_model_folder
+from ..backbones.loading import HF_CLIP, RANDOM_WEIGHTS, is_model_folder
 from ..data import DATASETS, SegmentationDataset
 from ..data.export import export_world
 from ..data.synthetic import SyntheticWorld
 from ..errors import InputError
+from ..shipped import SHIPPED_TAG, shipped
 from ..io import outside_package
 from ..predictor import SegmentationPredictor
 from ..presets import PRESETS
@@ -157,8 +158,8 @@ def check_clip(model, weights) -> None:
     check_model_name(model)
     if model.startswith(("hf-hub:", "local-dir:")):
         return
-    if (model, weights) in PACKAGED_WEIGHTS:
-        path = PACKAGED_WEIGHTS[(model, weights)][0]
+    if (packaged := shipped("clip", model, weights)) is not None:
+        path = packaged.path
         if not path.is_file():
             raise InputError(f"weights: the packaged weights {path} are missing from this installation")
     elif weights == RANDOM_WEIGHTS or re.fullmatch(rf"{RANDOM_WEIGHTS}:\d+", weights):
@@ -167,7 +168,7 @@ def check_clip(model, weights) -> None:
         if not Path(weights).expanduser().is_file():
             raise InputError(f"weights: the file {weights} does not exist")
     else:
-        tags = open_clip.list_pretrained_tags_by_model(model) + [t for n, t in PACKAGED_WEIGHTS if n == model]
+        tags = open_clip.list_pretrained_tags_by_model(model) + [SHIPPED_TAG] * bool(shipped("clip", model))
         if weights not in tags:
             raise InputError(f"weights: {weights!r} is neither a file nor a pretrained tag of {model}"
                              f"{checks.suggest(weights, tags)}; its tags: {', '.join(tags) or 'none'}, or 'random'")

@@ -5,12 +5,10 @@ Training-free methods are built from a backbone; trained ones are loaded from th
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..backbones import load_clip
-from ..backbones.loading import PACKAGED_WEIGHTS
 from ..catalog import TRAINED_METHODS
 from ..errors import CheckpointError, UsageError
+from ..shipped import SHIPPED_TAG, shipped
 from .base import DenseMethod, read_trained
 from .maskclip import MaskCLIP, refine_output
 from .denseclip import DenseCLIP
@@ -21,15 +19,6 @@ from .glip import GLIPDetector
 METHODS = {"maskclip": MaskCLIP, "tcl": TCL, "denseclip": DenseCLIP}
 DETECTORS = {"regionclip": RegionCLIPDetector, "glip": GLIPDetector}
 DEFAULT_DETECTION_PRESETS = {"regionclip": "ov-coco", "glip": "glip"}
-_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-# Detectors shipped in the package, by (method, weights name): file, the command that made it, its preset.
-PACKAGED_DETECTORS = {
-    ("regionclip", "synthetic"): (_WEIGHTS / "regionclip-tiny-rn-synthetic.safetensors",
-                                  "ovdense train regionclip --config configs/regionclip_tiny_synthetic.yaml",
-                                  "synthetic-detection"),
-    ("glip", "synthetic"): (_WEIGHTS / "glip-tiny-rn-synthetic.safetensors",
-                            "ovdense train glip --config configs/glip_tiny_synthetic.yaml", "glip-synthetic"),
-}
 
 
 def load_method(name: str, model: str | None = None, weights: str | None = None, mode: str | None = None,
@@ -56,7 +45,7 @@ def recommended_preset(name: str, model: str | None = None, weights: str | None 
     """The inference preset that a trained checkpoint or shipped weights record, or None."""
     if name in TRAINED_METHODS and checkpoint:
         return read_trained(checkpoint, tensors=False)[0].get("preset")
-    packaged = PACKAGED_WEIGHTS.get((model, weights))
+    packaged = shipped("clip", model, weights)
     return packaged.preset if packaged else None
 
 
@@ -67,19 +56,18 @@ def load_detector(name: str = "regionclip", checkpoint: str | None = None, weigh
     if name not in DETECTORS:
         raise UsageError(f"unknown detection method {name!r}; choose one of {', '.join(DETECTORS)}")
     if not checkpoint:
-        packaged = PACKAGED_DETECTORS.get((name, weights))
+        packaged = shipped("detector", name, weights)
         if packaged is None:
-            shipped = ", ".join(w for m, w in PACKAGED_DETECTORS if m == name)
             raise UsageError(f"{name} needs a trained detector: --checkpoint FILE (from `ovdense train {name}`) or "
-                             f"--weights {shipped} for the one shipped with ovdense")
-        path, command, preset = packaged
-        if not path.is_file():
-            raise CheckpointError(f"this ovdense does not ship the {name} detector for --weights {weights} ({path.name}); "
-                                  f"make it with `{command}` and pass --checkpoint RUN/{name}.safetensors")
-        return DETECTORS[name].from_checkpoint(path, device=device), preset
+                             f"--weights {SHIPPED_TAG} for the one shipped with ovdense")
+        if not packaged.path.is_file():
+            raise CheckpointError(f"this ovdense does not ship the {name} detector for --weights {weights} "
+                                  f"({packaged.file}); make it with `{packaged.command}` and pass --checkpoint "
+                                  f"RUN/{name}.safetensors")
+        return DETECTORS[name].from_checkpoint(packaged.path, device=device), packaged.preset
     metadata = read_trained(checkpoint, tensors=False)[0]
     return DETECTORS[name].from_checkpoint(checkpoint, device=device, weights=weights), metadata.get("preset")
 
 
-__all__ = ["DEFAULT_DETECTION_PRESETS", "DETECTORS", "GLIPDetector", "PACKAGED_DETECTORS", "RegionCLIPDetector", "load_detector", "METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
+__all__ = ["DEFAULT_DETECTION_PRESETS", "DETECTORS", "GLIPDetector", "RegionCLIPDetector", "load_detector", "METHODS", "TRAINED_METHODS", "DenseCLIP", "DenseMethod", "MaskCLIP", "TCL", "load_method", "recommended_preset",
            "refine_output"]
