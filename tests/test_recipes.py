@@ -17,9 +17,10 @@ from ovdense.engine.clip_pretrain import PretrainConfig, build_clip, pretrain_cl
 from ovdense.engine.denseclip_train import DenseCLIPRecipe, build_denseclip
 from ovdense.engine.recipe import load_recipe
 from ovdense.engine.tcl_train import TCLRecipe, build_tcl
-from ovdense.engine.trainer import Trainer, TrainConfig, trained_state
+from ovdense.engine.trainer import Trainer, TrainConfig
 from ovdense.errors import CheckpointError, InputError, UsageError
 from ovdense.io import PACKAGE_DIR
+from ovdense.state import trained_state
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGED = PACKAGE_DIR / "weights" / "ovdense-tiny-vit-synthetic.safetensors"
@@ -215,10 +216,9 @@ def test_nonsense_train_options_are_usage_errors(flags, message, tmp_path, no_wo
 
 def test_every_shipped_recipe_loads_and_none_exports_into_the_package():
     from ovdense.engine.glip_train import GLIPRecipe
-    from ovdense.engine.regionclip_train import RECIPES as DETECTION_RECIPES
-    kinds = {"tiny_clip": RECIPES["clip"], "tcl": RECIPES["tcl"], "rpn": DETECTION_RECIPES["rpn"][0],
-             "regionclip_pretrain": DETECTION_RECIPES["regionclip-pretrain"][0],
-             "regionclip": DETECTION_RECIPES["regionclip"][0], "glip": GLIPRecipe}
+    from ovdense.engine.regionclip_train import DetectorRecipe, PretrainRecipe, RPNRecipe
+    kinds = {"tiny_clip": RECIPES["clip"], "tcl": RECIPES["tcl"], "rpn": RPNRecipe,
+             "regionclip_pretrain": PretrainRecipe, "regionclip": DetectorRecipe, "glip": GLIPRecipe}
     for path in sorted((REPO / "configs").glob("*.yaml")):
         prefix = max((p for p in kinds if path.name.startswith(p)), key=len, default=None)
         recipe = load_recipe(kinds.get(prefix, RECIPES["denseclip"]), path)
@@ -369,7 +369,7 @@ def test_detection_recipes_are_checked_at_every_depth_before_any_work(recipe, ke
     values = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())
     path = _write(tmp_path / "bad.yaml", _changed(values, key, value))
     kind = "glip" if recipe.startswith("glip") else "rpn"
-    cls = glip_train.GLIPRecipe if kind == "glip" else regionclip_train.RECIPES["rpn"][0]
+    cls = glip_train.GLIPRecipe if kind == "glip" else regionclip_train.RPNRecipe
     with pytest.raises(InputError) as error:
         load_recipe(cls, path)
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value), str(error.value)

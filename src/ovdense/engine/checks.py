@@ -44,16 +44,19 @@ def _looks_numeric(text: str) -> bool:
         return False
 
 
-def mapping(key: str, value: Any) -> Mapping:
-    if not isinstance(value, Mapping):
-        raise InputError(f"{key}: must be a mapping of keys to values, got {_shown(value)}")
+def _of_type(key: str, value: Any, kind: type, described: str) -> Any:
+    """`value` if it is a `kind`, else an InputError saying what it must be (`described`)."""
+    if not isinstance(value, kind):
+        raise InputError(f"{key}: must be {described}, got {_shown(value)}")
     return value
+
+
+def mapping(key: str, value: Any) -> Mapping:
+    return _of_type(key, value, Mapping, "a mapping of keys to values")
 
 
 def sequence(key: str, value: Any) -> list:
-    if not isinstance(value, list):
-        raise InputError(f"{key}: must be a list, got {_shown(value)}")
-    return value
+    return _of_type(key, value, list, "a list")
 
 
 def known_keys(values: Mapping, known: Iterable[str], what: str) -> None:
@@ -92,9 +95,7 @@ def number(key: str, value: Any, minimum: float | None = None, maximum: float | 
 
 
 def boolean(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{key}: must be true or false, got {_shown(value)}")
-    return value
+    return _of_type(key, value, bool, "true or false")
 
 
 def text(key: str, value: Any) -> str:

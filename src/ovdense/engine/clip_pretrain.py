@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from . import checks
-from .recipe import TrainSection, check_export, check_model_name, check_world, run_paths, validated
+from .recipe import Recipe, check_world, finish_run, run_paths, validated
 from .trainer import Trainer, check_resume, seeded
 
 
@@ -226,7 +226,7 @@ def zero_shot_regions(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int
 
 
 @dataclass
-class PretrainConfig(TrainSection):
+class PretrainConfig(Recipe):
     """A tiny-CLIP recipe (YAML): architecture, world, data size, training settings, export path.
 
     model: an open_clip architecture, trained from random weights (initialised from train.seed).
@@ -244,13 +244,8 @@ class PretrainConfig(TrainSection):
     close_up_views: str = "centred"
     token_loss: float = 0.0
     eval_scenes: int = 200
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)  # the YAML file (set by load_recipe)
 
-    def validate(self) -> None:
-        """Check every key and value (InputError naming the key); nothing is built."""
-        check_model_name(self.model)
+    def check_keys(self) -> None:
         check_world(self.world)
         checks.integer("scenes", self.scenes, minimum=1)
         checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
@@ -261,8 +256,6 @@ class PretrainConfig(TrainSection):
         if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
             raise InputError(f"token_loss: the close-up token term needs a ViT; {self.model} is a ResNet")
         checks.integer("eval_scenes", self.eval_scenes, minimum=1)
-        self.train_config()
-        check_export(self.export)
 
 
 def build_clip(config: PretrainConfig) -> torch.nn.Module:
@@ -311,10 +304,9 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     trainer.fit(resume=resume, max_steps=max_steps)
     model.eval()
     scores = evaluate(model)
-    if not trainer.finished:
-        return backbone, scores, None
-    if trainer.rank == 0:
+
+    def save():
         with atomic_path(export) as tmp:
             save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp),
                       metadata={"model": config.model, "steps": str(trainer.step)})
-    return backbone, scores, export
+    return backbone, scores, finish_run(trainer, export, save)

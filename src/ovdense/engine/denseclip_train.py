@@ -13,7 +13,7 @@ from ..errors import InputError
 from ..methods.denseclip import PYRAMID_LAYOUTS, DenseCLIP
 from . import checks
 from .checks import within
-from .recipe import (TrainSection, check_clip, check_dataset_keys, check_eval, check_export, check_synthesize,
+from .recipe import (MethodRecipe, check_dataset_keys, check_eval, check_synthesize, finish_run,
                      segmentation_dataset, segmentation_evaluator, start_run)
 from .trainer import Trainer, seeded
 
@@ -24,7 +24,7 @@ _POSITIVE_INTEGERS = ("context_tokens", "name_length", "decoder_width", "decoder
 
 
 @dataclass
-class DenseCLIPRecipe(TrainSection):
+class DenseCLIPRecipe(MethodRecipe):
     """A DenseCLIP training recipe (YAML).
 
     model, weights: the CLIP it starts from. method: DenseCLIP constructor arguments (class_names
@@ -37,18 +37,10 @@ class DenseCLIPRecipe(TrainSection):
         OUT/denseclip.safetensors.
     """
 
-    model: str = "RN50"
-    weights: str = "openai"
     method: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
     eval: dict | None = None
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)  # the YAML file (set by load_recipe)
 
-    def validate(self) -> None:
-        """Check every key and value (InputError naming the key); nothing is built or read."""
-        check_clip(self.model, self.weights)
+    def check_keys(self) -> None:
         method = checks.arguments(self.method, DenseCLIP.__init__, "method", exclude=("self", "backbone"))
         with within("method."):
             checks.choice("prompting", method.get("prompting", "post"), ("post", "pre"))
@@ -91,8 +83,6 @@ class DenseCLIPRecipe(TrainSection):
                 check_synthesize(data["synthesize"])
             check_augment(data.get("augment"))
         check_eval(self.eval)
-        self.train_config()
-        check_export(self.export)
 
 
 def check_augment(values) -> SegmentationAugment:
@@ -146,8 +136,5 @@ def train_denseclip(recipe: DenseCLIPRecipe, out_dir: str | Path, device: str = 
     trainer = Trainer(_Losses(model), lambda wrapped, batch: wrapped(*batch), dataset, config, out_dir,
                       evaluate=evaluate, device=device, progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
-    if not trainer.finished:
-        return model.eval(), None
-    if trainer.rank == 0:
-        model.save(export, preset=(recipe.eval or {}).get("preset"))
-    return model.eval(), export
+    saved = finish_run(trainer, export, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
+    return model.eval(), saved

@@ -28,8 +28,8 @@ from ..errors import InputError
 from ..methods.glip import GLIPDetector
 from . import checks
 from .checks import within
-from .recipe import TrainSection, check_clip, check_export, check_synthesize, start_run
-from .regionclip_train import _classes, _finish, _wrapped, training_view
+from .recipe import MethodRecipe, check_synthesize, finish_run, start_run
+from .regionclip_train import _classes, _wrapped, training_view
 from .trainer import Trainer, seeded
 
 _RELATIONS = re.compile(r"\b(left|right)\b", re.IGNORECASE)
@@ -140,24 +140,21 @@ _GROUNDING_KEYS = ("path", "allow_unboxed")
 
 
 @dataclass
-class GLIPRecipe(TrainSection):
+class GLIPRecipe(MethodRecipe):
     """GLIP training. model / weights: the CLIP whose towers start the backbone and the text encoder (null for GLIP-T:
     Swin-T and BERT); init: a GLIP checkpoint to start from; method: GLIPDetector arguments; data: see the module."""
 
-    model: str | None = "RN50"
-    weights: str | None = "openai"
     init: str | None = None
     method: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
     eval: dict | None = None
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)
 
-    def validate(self) -> None:
+    def check_model(self) -> None:
+        """The method first: it says whether there is a CLIP to check (`needs_clip`)."""
         checks.arguments(self.method, GLIPDetector.__init__, "method", exclude=("self", "clip"))
         if self.needs_clip:
-            check_clip(self.model, self.weights)
+            super().check_model()
+
+    def check_keys(self) -> None:
         data = checks.mapping("data", self.data)
         with within("data."):
             checks.known_keys(data, _DATA_KEYS, "a GLIP data section")
@@ -184,9 +181,6 @@ class GLIPRecipe(TrainSection):
             checks.integer("negatives", data.get("negatives", 85), minimum=0)
             if data.get("synthesize") is not None:
                 check_synthesize(data["synthesize"])
-        self.train_config()
-        check_export(self.export)
-
 
     @property
     def needs_clip(self) -> bool:
@@ -238,8 +232,8 @@ def train_glip(recipe: GLIPRecipe, out_dir, device: str = "cpu", resume: bool = 
                       collate=grounding_collate(model.tokenize), device=device, progress=progress, run=run,
                       find_unused_parameters=True)
     trainer.fit(resume=resume, max_steps=max_steps)
-    done = _finish(trainer, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
-    return model.eval(), export if done else None
+    saved = finish_run(trainer, export, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
+    return model.eval(), saved
 
 
 # ------------------------------------------------------------------------------------------ pseudo-labels

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +33,7 @@ from ..predictor import SegmentationPredictor
 from ..presets import PRESETS
 from . import checks
 from .checks import within
-from .trainer import TrainConfig, check_resume
+from .trainer import TrainConfig, Trainer, check_resume
 
 SYNTHESIZE_DEFAULTS = {"size": 96, "seed": 0, "max_objects": 4, "train": 1000, "val": 100}
 EVAL_KEYS = ("dataset", "root", "split", "limit", "preset")
@@ -126,15 +126,14 @@ def load_recipe(cls, path: str | Path, overrides: tuple[str, ...] | list[str] = 
     values = read_yaml(path)
     for assignment in overrides:
         override(values, assignment)
-    known = [f.name for f in fields(cls) if f.name != "source"]
     with within(f"{path}: "):
-        checks.known_keys(values, known, f"a {cls.__name__} recipe")
+        checks.known_keys(values, cls.keys(), f"a {cls.__name__} recipe")
         recipe = cls(**values, source=str(path))
         recipe.validate()
     return recipe
 
 
-def validated(recipe) -> None:
+def validated(recipe: Recipe) -> None:
     """Check a recipe built in Python (or changed after loading) as `load_recipe` checks a file."""
     with within(f"{recipe.source or type(recipe).__name__}: "):
         recipe.validate()
@@ -299,16 +298,70 @@ def run_paths(out_dir: str | Path, export: str | Path | None, default_name: str)
     return out_dir, export
 
 
-class TrainSection:
-    """What the recipe dataclasses share: their `train` mapping, read as a checked TrainConfig."""
+# ------------------------------------------------------------------------------------------- recipes
+_FIRST_KEYS = ("model", "weights")  # a recipe's keys are listed in this order: these, its own, then the last ones
+_LAST_KEYS = ("data", "eval", "train", "export")
+
+
+@dataclass
+class Recipe:
+    """What every training recipe (YAML) has; a method's recipe adds its own keys as fields, and their checks in
+    `check_keys`.
+
+    model: the model trained (each recipe says what it names). train: TrainConfig fields. export: where the trained
+    weights go (safetensors); relative: in the run's output folder. source: the YAML file (set by load_recipe).
+    """
+
+    model: str = "RN50"
+    train: dict = field(default_factory=dict)
+    export: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The recipe's YAML keys (its fields but source) in the order messages list them: model and weights, the
+        recipe's own keys as its class declares them, then data, eval, train and export."""
+        names = [f.name for f in fields(cls) if f.name != "source"]
+        first, last = [n for n in _FIRST_KEYS if n in names], [n for n in _LAST_KEYS if n in names]
+        return first + [n for n in names if n not in first + last] + last
+
+    def validate(self) -> None:
+        """Check every key and value (InputError naming the key); nothing is built or read. The order, hence which
+        of several mistakes is reported: the model, the recipe's own keys, train, export."""
+        self.check_model()
+        self.check_keys()
+        self.train_config()
+        check_export(self.export)
+
+    def check_model(self) -> None:
+        """model: an open_clip architecture (trained from random weights)."""
+        check_model_name(self.model)
+
+    def check_keys(self) -> None:
+        """The recipe's own keys (those of its class, not of Recipe)."""
 
     def train_config(self) -> TrainConfig:
+        """The `train` mapping, read as a checked TrainConfig."""
         train = checks.mapping("train", self.train if self.train is not None else {})
         with within("train."):
             return TrainConfig.from_dict(train)
 
 
-def start_run(recipe, out_dir: str | Path, method: str, resume: bool, progress: bool
+@dataclass
+class MethodRecipe(Recipe):
+    """The recipe of a method trained over a pretrained CLIP, on data the recipe names: model (an open_clip
+    architecture) and weights (a source of its weights, see `check_clip`) give the CLIP; data: its keys are the
+    method's (data.synthesize, {root, size, seed, max_objects, train, val}, exports the synthetic world first).
+    """
+
+    weights: str = "openai"
+    data: dict = field(default_factory=dict)
+
+    def check_model(self) -> None:
+        check_clip(self.model, self.weights)
+
+
+def start_run(recipe: MethodRecipe, out_dir: str | Path, method: str, resume: bool, progress: bool
               ) -> tuple[Path, Path, TrainConfig]:
     """The start of a method's training: the whole recipe checked, the run folder and the export path, a
     checkpoint to resume checked to be this method's, and the recipe's synthetic data exported."""
@@ -319,3 +372,14 @@ def start_run(recipe, out_dir: str | Path, method: str, resume: bool, progress: 
     with within(f"{recipe.source or type(recipe).__name__}: data."):
         ensure_synthetic(recipe.data.get("synthesize"), progress)
     return out_dir, export, recipe.train_config()
+
+
+def finish_run(trainer: Trainer, export: Path, save: Callable[[], None]) -> Path | None:
+    """The end of a method's training, after `trainer.fit`: once the run has reached train.steps, rank 0 calls
+    `save()` (which writes `export`) and `export` is returned; a run stopped by `max_steps` before that saves nothing
+    and returns None (it resumes from out_dir/last.pt)."""
+    if not trainer.finished:
+        return None
+    if trainer.rank == 0:
+        save()
+    return export

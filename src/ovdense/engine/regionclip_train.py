@@ -24,7 +24,7 @@ from ..io import atomic_path
 from ..methods.regionclip import RegionCLIPDetector, RegionCLIPPretrainer, RegionProposer
 from . import checks
 from .checks import within
-from .recipe import TrainSection, check_clip, check_export, check_synthesize, start_run
+from .recipe import MethodRecipe, check_synthesize, finish_run, start_run
 from .trainer import Trainer, seeded
 
 
@@ -150,79 +150,52 @@ def _classes(data: dict, dataset: DetectionDataset) -> list[str]:
 
 
 @dataclass
-class RPNRecipe(TrainSection):
+class RPNRecipe(MethodRecipe):
     """A class-agnostic RPN on the frozen trunk of `model` / `weights`. rpn: ProposalNetwork arguments.
     data: annotations (COCO JSON), images, classes ('base' default), short / max_size, synthesize."""
 
-    model: str = "RN50"
-    weights: str = "openai"
     rpn: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)
 
-    def validate(self) -> None:
-        check_clip(self.model, self.weights)
+    def check_keys(self) -> None:
         checks.arguments(self.rpn, ProposalNetwork.__init__, "rpn", exclude=("self", "in_channels"))
         _check_data(self.data, "boxes")
-        self.train_config()
-        check_export(self.export)
 
 
 @dataclass
-class PretrainRecipe(TrainSection):
+class PretrainRecipe(MethodRecipe):
     """RegionCLIP pretraining. model / weights: the teacher (and the student's start). rpn: a RegionProposer
     checkpoint. concepts: a file with one concept per line, or {'captions': ..., 'nouns': [...], 'min_count': N}
     (the caption words that are in `nouns`, seen at least N times). method: RegionCLIPPretrainer arguments."""
 
-    model: str = "RN50"
-    weights: str = "openai"
     rpn: str = ""
     concepts: str | dict = ""
     method: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)
 
-    def validate(self) -> None:
-        check_clip(self.model, self.weights)
+    def check_keys(self) -> None:
         checks.text("rpn", self.rpn)
         checks.arguments(self.method, RegionCLIPPretrainer.__init__, "method",
                          exclude=("self", "teacher", "concepts", "proposer"))
         if not isinstance(self.concepts, (str, dict)) or not self.concepts:
             raise InputError("concepts: a concept file, or {captions, nouns, min_count}")
         _check_data(self.data, "captions")
-        self.train_config()
-        check_export(self.export)
 
 
 @dataclass
-class DetectorRecipe(TrainSection):
+class DetectorRecipe(MethodRecipe):
     """The RegionCLIP detector. model / weights: the CLIP for the text tower and the RPN trunk; init: a
     RegionCLIP-pretrained CLIP file whose image tower starts the detector (default: the CLIP's own); rpn: a
     RegionProposer checkpoint on the same CLIP; method: RegionCLIPDetector arguments."""
 
-    model: str = "RN50"
-    weights: str = "openai"
     init: str | None = None
     rpn: str = ""
     method: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
     eval: dict | None = None
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)
 
-    def validate(self) -> None:
-        check_clip(self.model, self.weights)
+    def check_keys(self) -> None:
         checks.text("rpn", self.rpn)
         checks.arguments(self.method, RegionCLIPDetector.__init__, "method",
                          exclude=("self", "clip", "class_names", "rpn", "init"))
         _check_data(self.data, "boxes")
-        self.train_config()
-        check_export(self.export)
 
 
 def concept_pool(spec: str | dict) -> list[str]:
@@ -268,14 +241,6 @@ def _box_data(recipe, clip, seed: int) -> tuple[BoxTrainingSet, list[str]]:
                           clip.image_std, seed=seed), classes
 
 
-def _finish(trainer: Trainer, save) -> Path | None:
-    if not trainer.finished:
-        return None
-    if trainer.rank == 0:
-        save()
-    return True
-
-
 def train_rpn(recipe: RPNRecipe, out_dir, device: str = "cpu", resume: bool = True, max_steps: int | None = None,
               progress: bool = True):
     out_dir, export, config = start_run(recipe, out_dir, "rpn", resume, progress)
@@ -288,8 +253,8 @@ def train_rpn(recipe: RPNRecipe, out_dir, device: str = "cpu", resume: bool = Tr
     trainer = Trainer(_wrapped("losses")(model), lambda m, b: m(*b), data, config, out_dir, collate=collate_boxes,
                       device=device, progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
-    done = _finish(trainer, lambda: model.save(export))
-    return model.eval(), export if done else None
+    saved = finish_run(trainer, export, lambda: model.save(export))
+    return model.eval(), saved
 
 
 def train_pretrain(recipe: PretrainRecipe, out_dir, device: str = "cpu", resume: bool = True,
@@ -324,8 +289,8 @@ def train_pretrain(recipe: PretrainRecipe, out_dir, device: str = "cpu", resume:
             save_file({k: v.detach().contiguous() for k, v in model.student_clip_state().items()}, str(tmp),
                       metadata={"model": recipe.model, "regionclip_pretrained_from": recipe.weights,
                                 "concepts": json.dumps(concepts), "steps": str(trainer.step)})
-    done = _finish(trainer, save)
-    return model.eval(), export if done else None
+    saved = finish_run(trainer, export, save)
+    return model.eval(), saved
 
 
 def build_detector(recipe: DetectorRecipe, clip, class_names: list[str], device: str) -> RegionCLIPDetector:
@@ -351,9 +316,6 @@ def train_detector(recipe: DetectorRecipe, out_dir, device: str = "cpu", resume:
     trainer = Trainer(_wrapped("losses")(model), lambda m, b: m(*b), data, config, out_dir, collate=collate_boxes,
                       device=device, progress=progress, run=run, find_unused_parameters=True)
     trainer.fit(resume=resume, max_steps=max_steps)
-    done = _finish(trainer, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
-    return model.eval(), export if done else None
+    saved = finish_run(trainer, export, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
+    return model.eval(), saved
 
-
-RECIPES = {"rpn": (RPNRecipe, train_rpn), "regionclip-pretrain": (PretrainRecipe, train_pretrain),
-           "regionclip": (DetectorRecipe, train_detector)}

@@ -14,8 +14,7 @@ from ..methods.tcl import TCL, TCLLossWeights
 from ..predictor import IMAGENET_MEAN_STD
 from . import checks
 from .checks import within
-from .recipe import (TrainSection, check_clip, check_eval, check_export, check_synthesize, segmentation_evaluator,
-                     start_run)
+from .recipe import MethodRecipe, check_eval, check_synthesize, finish_run, segmentation_evaluator, start_run
 from .trainer import Trainer, seeded
 
 
@@ -23,7 +22,7 @@ TCL_DATA_KEYS = ("sources", "text", "image_size", "scale", "normalize", "synthes
 
 
 @dataclass
-class TCLRecipe(TrainSection):
+class TCLRecipe(MethodRecipe):
     """A TCL training recipe (YAML).
 
     model, weights: the frozen CLIP (open_clip name and tag / file); a ViT.
@@ -42,22 +41,18 @@ class TCLRecipe(TrainSection):
     """
 
     model: str = "ViT-B-16"
-    weights: str = "openai"
     method: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
     decoder_only_steps: int = 0
-    data: dict = field(default_factory=dict)
     eval: dict | None = None
-    train: dict = field(default_factory=dict)
-    export: str | None = None
-    source: str | None = field(default=None, compare=False, repr=False)  # the YAML file (set by load_recipe)
 
-    def validate(self) -> None:
-        """Check every key and value (InputError naming the key); nothing is built or read."""
-        check_clip(self.model, self.weights)
+    def check_model(self) -> None:
+        super().check_model()
         vision = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {})
         if isinstance(vision.get("layers"), (list, tuple)):
             raise InputError(f"model: TCL grounds ViT patch tokens; {self.model} is a ResNet CLIP. Use a ViT CLIP.")
+
+    def check_keys(self) -> None:
         method = checks.arguments(self.method, TCL.__init__, "method", exclude=("self", "backbone"))
         with within("method."):
             checks.integer("decoder_layers", method.get("decoder_layers", 2), minimum=0)
@@ -88,8 +83,6 @@ class TCLRecipe(TrainSection):
             if data.get("synthesize") is not None:
                 check_synthesize(data["synthesize"])
         check_eval(self.eval)
-        self.train_config()
-        check_export(self.export)
 
     def sources(self) -> list[str]:
         sources = self.data["sources"]
@@ -149,11 +142,8 @@ def train_tcl(recipe: TCLRecipe, out_dir: str | Path, device: str = "cpu", resum
                       device=device, progress=progress, find_unused_parameters=recipe.decoder_only_steps > 0,
                       run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
-    if not trainer.finished:
-        return model.eval(), None
-    if trainer.rank == 0:
-        model.save(export, preset=(recipe.eval or {}).get("preset"))
-    return model.eval(), export
+    saved = finish_run(trainer, export, lambda: model.save(export, preset=(recipe.eval or {}).get("preset")))
+    return model.eval(), saved
 
 
 class _Losses(torch.nn.Module):
