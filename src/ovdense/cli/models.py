@@ -37,7 +37,7 @@ def _print_shipped() -> None:
         print(f"  {usage}; preset {model.preset}")
         print(f"      {model.description}")
         print(f"      {model.scores()}; measured by {model.measured_by}")
-        print(f"      made by {model.command}")
+        print(f"      made by {model.command}" if model.recipe else "      training-free: nothing to train")
 
 
 def run(args) -> int:
