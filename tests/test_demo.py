@@ -133,3 +133,13 @@ def test_check_grounding_takes_each_phrases_best_box():
     assert all(p["found"]["correct"] and p["found"]["iou"] == 1 for p in rest)
     empty = GroundingResult(boxes[:0], scores[:0], labels[:0], [p.text for p in caption.phrases], (96, 96))
     assert all(p["found"] is None for p in check_grounding(empty, caption)["phrases"])
+
+
+def test_demo_on_other_weights_names_them(tmp_path, capsys):
+    """CLIP weights from a file are named as such, not described as the shipped model."""
+    weights = tmp_path / "my-tiny-vit.safetensors"
+    weights.write_bytes(shipped("clip").path.read_bytes())
+    assert main(["demo", "--model", "ovdense-tiny-vit", "--weights", str(weights), "--method", "maskclip",
+                 "--preset", "synthetic", "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert f"\nweights: {weights}\n" in out and "ships with ovdense" not in out

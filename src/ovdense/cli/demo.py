@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from ..shipped import ShippedModel, of_kind, shipped
+from ..shipped import SHIPPED_CLIP, SHIPPED_TAG, ShippedModel, of_kind, shipped
 from .build import (RANDOM_NOTE, SYNTHETIC_NOTE, build_detection_predictor, build_predictor, check_model_options,
                     describe, detector_args, use_shipped_method)
 from .inputs import vocabulary
@@ -47,7 +47,8 @@ def run(args) -> int:
         best = chosen is shipped("segmenter")
         print(f"method: {chosen.title}, {'the best that ships' if best else 'as asked'}: {why(chosen)}")
     random = backbone.weights.startswith("random")
-    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if backbone.name.startswith("ovdense-tiny") else "")
+    shipped_clip = backbone.name == SHIPPED_CLIP and backbone.weights == SHIPPED_TAG
+    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if shipped_clip else f"weights: {backbone.weights}")
     words = vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
     check = demo.run_demo(predictor, world, args.scene, words, out_dir, args.zoom, metadata=describe(predictor))
     _print_segmentation(check, args.scene, words, world, out_dir)
