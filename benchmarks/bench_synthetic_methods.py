@@ -8,7 +8,7 @@ them only in captions, DenseCLIP's training labels mark them ignore).
     python benchmarks/bench_synthetic_methods.py --scenes 200 \
         --tcl runs/tcl-synthetic/tcl.safetensors \
         --denseclip runs/denseclip-synthetic/denseclip.safetensors \
-        --baseline runs/denseclip-baseline-synthetic/denseclip.safetensors
+        --baseline runs/denseclip-baseline-synthetic/denseclip.safetensors [--vit FILE]
 """
 from __future__ import annotations
 
@@ -46,10 +46,13 @@ def main() -> None:
     parser.add_argument("--tcl", help="TCL checkpoint")
     parser.add_argument("--denseclip", help="DenseCLIP checkpoint")
     parser.add_argument("--baseline", help="checkpoint of DenseCLIP's baseline (language_guidance: false)")
+    parser.add_argument("--vit", default="synthetic",
+                        help="tiny ViT CLIP weights of the training-free rows (a file from `ovdense train clip`); "
+                             "the trained checkpoints must have been trained on the same weights")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     world = SyntheticWorld()  # the 96 px world the shipped models were trained on
-    backbone = load_clip("ovdense-tiny-vit", "synthetic")
+    backbone = load_clip("ovdense-tiny-vit", args.vit)
     rows = [("MaskCLIP (training-free)", MaskCLIP(backbone, "maskclip"))]
     if args.tcl:
         torch.manual_seed(0)
@@ -61,7 +64,7 @@ def main() -> None:
     if args.baseline:
         rows.append(("Baseline CLIP + FPN, no language", load_method("denseclip", checkpoint=args.baseline)))
     results = [(name, evaluate(method.eval(), world, args.scenes, args.preset, name)) for name, method in rows]
-    print(f"\nsynthetic val, {args.scenes} scenes of 96 px, preset {args.preset}, tiny CLIP 'synthetic'")
+    print(f"\nsynthetic val, {args.scenes} scenes of 96 px, preset {args.preset}, tiny CLIP {args.vit!r}")
     print("| method                           | mIoU all | stuff (8) | base things (9) | novel things (3) |")
     print("|----------------------------------|----------|-----------|-----------------|------------------|")
     for name, r in results:

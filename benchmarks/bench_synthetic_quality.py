@@ -7,6 +7,7 @@ never supervised by boxes or masks; CLIP saw them only in captions).
 
     python benchmarks/bench_synthetic_quality.py [--model ovdense-tiny-vit --weights synthetic]
         [--scenes 200] [--size 96] [--short-side 192 --crop 96 --stride 48] [--templates none]
+        [--modes maskclip naclip]
 
 Defaults are the `synthetic` preset's: 96 px scenes (the shipped model's training scale) in one window.
 """
@@ -54,12 +55,13 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=synthetic.stride)
     parser.add_argument("--templates", default=synthetic.templates)
     parser.add_argument("--logit-scale", type=float, default=synthetic.logit_scale)
+    parser.add_argument("--modes", nargs="+", help="dense modes to score (default: all the model supports)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     backbone = load_clip(args.model, args.weights)
     world = SyntheticWorld(args.size, seed=args.seed)
     rows = []
-    for mode in tqdm(backbone.supported_modes(), desc="modes"):
+    for mode in tqdm(args.modes or backbone.supported_modes(), desc="modes"):
         for pamr in (0, 10):
             protocol = replace(synthetic, short_side=args.short_side or None, crop=args.crop or None,
                                stride=args.stride if args.crop else None, templates=args.templates,
