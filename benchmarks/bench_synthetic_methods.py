@@ -47,17 +47,18 @@ def main() -> None:
     parser.add_argument("--denseclip", help="DenseCLIP checkpoint")
     parser.add_argument("--baseline", help="checkpoint of DenseCLIP's baseline (language_guidance: false)")
     parser.add_argument("--vit", default="synthetic",
-                        help="tiny ViT CLIP weights of the training-free rows (a file from `ovdense train clip`); "
-                             "the trained checkpoints must have been trained on the same weights")
+                        help="tiny ViT CLIP weights of the MaskCLIP row (a file from `ovdense train clip`); the trained "
+                             "checkpoints run on the CLIP they record, so pass the one they were trained on")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     world = SyntheticWorld()  # the 96 px world the shipped models were trained on
     backbone = load_clip("ovdense-tiny-vit", args.vit)
     rows = [("MaskCLIP (training-free)", MaskCLIP(backbone, "maskclip"))]
     if args.tcl:
+        tcl = load_method("tcl", checkpoint=args.tcl)
         torch.manual_seed(0)
-        rows.append(("TCL, untrained grounder", TCL(backbone, **{**load_method("tcl", checkpoint=args.tcl).config})))
-        rows.append(("TCL", load_method("tcl", checkpoint=args.tcl)))
+        rows.append(("TCL, untrained grounder", TCL(tcl.backbone, **tcl.config)))  # on the CLIP TCL was trained on
+        rows.append(("TCL", tcl))
     if args.denseclip:
         rows.append(("DenseCLIP, FPN head", load_method("denseclip", checkpoint=args.denseclip)))
         rows.append(("DenseCLIP, score map", DenseCLIP.from_checkpoint(args.denseclip, inference="score_map")))

@@ -136,10 +136,10 @@ def test_check_grounding_takes_each_phrases_best_box():
 
 
 def test_demo_on_other_weights_names_them(tmp_path, capsys):
-    """CLIP weights from a file are named as such, not described as the shipped model."""
+    """CLIP weights from a file are named as such (the first line), not described as the shipped model."""
     weights = tmp_path / "my-tiny-vit.safetensors"
     weights.write_bytes(shipped("clip").path.read_bytes())
     assert main(["demo", "--model", "ovdense-tiny-vit", "--weights", str(weights), "--method", "maskclip",
                  "--preset", "synthetic", "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert f"\nweights: {weights}\n" in out and "ships with ovdense" not in out
+    assert out.startswith(f"ovdense demo: model ovdense-tiny-vit, weights {weights},") and "ships with ovdense" not in out

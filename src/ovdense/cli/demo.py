@@ -48,7 +48,7 @@ def run(args) -> int:
         print(f"method: {chosen.title}, {'the best that ships' if best else 'as asked'}: {why(chosen)}")
     random = backbone.weights.startswith("random")
     shipped_clip = backbone.name == SHIPPED_CLIP and backbone.weights == SHIPPED_TAG
-    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if shipped_clip else f"weights: {backbone.weights}")
+    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if shipped_clip else "")
     words = vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
     check = demo.run_demo(predictor, world, args.scene, words, out_dir, args.zoom, metadata=describe(predictor))
     _print_segmentation(check, args.scene, words, world, out_dir)
