@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ovdense.data.synthetic import SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, tokens_inside
+from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, patch_targets
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -43,8 +43,8 @@ def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0,
                              close_ups=close_ups, views=views)
 
     def collate(items):
-        images, texts, boxes = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(boxes)
+        images, texts, targets = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets)
 
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
     return Trainer(PatchCLIP(model) if token_weight else model, partial(clip_loss, token_weight=token_weight), data,
@@ -70,12 +70,13 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     reference = model(images, tokens)
     for mine, theirs in zip((image, text, scale), reference):
         assert torch.allclose(mine, theirs, atol=1e-6)
-    nan = float("nan")
-    boxes = torch.tensor([[0.2, 0.3, 0.8, 0.6], [nan] * 4, [nan] * 4, [0.0, 0.0, 0.5, 0.5]])
-    plain = clip_loss(model, (images, tokens, boxes))["loss"]
-    values = clip_loss(patch_clip, (images, tokens, boxes), token_weight=0.5)
+    targets = torch.zeros(4, 64, 64, dtype=torch.bool)
+    targets[0, 19:38, 13:51] = True  # a 4x4 grid: patch centres at pixels 8, 24, 40, 56
+    targets[3, :32, :32] = True
+    plain = clip_loss(model, (images, tokens, targets))["loss"]
+    values = clip_loss(patch_clip, (images, tokens, targets), token_weight=0.5)
     assert torch.allclose(values["clip_loss"], plain, atol=1e-6)
-    inside = tokens_inside(boxes[[0, 3]], 4).view(2, 4, 4)  # a 4x4 grid: centres at 0.125, 0.375, 0.625, 0.875
+    inside = patch_targets(targets[[0, 3]], 4).view(2, 4, 4)
     assert inside[0].nonzero().tolist() == [[1, 1], [1, 2]] and inside[1].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     terms = []
     for item, mask in zip((0, 3), inside):
@@ -95,18 +96,27 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
-def test_close_up_views_hold_the_whole_object_and_say_where_it_is():
+def test_close_ups_mark_base_things_and_stuff_never_novel_things():
     world = SyntheticWorld(64, seed=0, max_objects=2)
+    novel = {f" {name}." for name in world.novel}
     for views in ("centred", "anywhere"):
         data = SyntheticCaptions(world, scenes=8, captions_per_scene=2, close_ups=1.0, views=views, image_size=64)
         for index in range(16):
-            image, caption, box = data[index]
-            assert caption.startswith("a photo of") and image.shape == (3, 64, 64)
-            assert (box >= 0).all() and (box <= 1).all() and (box[2:] > box[:2]).all(), (views, box)
-    anywhere = [SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere")[i][2] for i in range(16)]
-    assert len({round(float(b[0]), 2) for b in anywhere}) > 8  # the object is not always at the same place
-    whole = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
-    assert whole[2].isnan().all()
+            image, caption, target = data[index]
+            assert caption.startswith("a photo of") and image.shape == (3, 64, 64) and target.shape == (64, 64)
+            assert target.any() != any(caption.endswith(name) for name in novel), caption  # captions only for novel
+    anywhere = SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere")
+    places = {tuple(anywhere[i][2].nonzero().float().mean(dim=0).round().tolist()) for i in range(16) if anywhere[i][2].any()}
+    assert len(places) > 6  # the thing is not always at the same place
+    stuff = SyntheticCaptions(world, 8, 2, close_ups=1.0, stuff_close_ups=1.0, image_size=64)
+    for index in range(16):
+        image, caption, target = stuff[index]
+        name = caption[len("a photo of "):-1]
+        assert name in world.stuff and target.float().mean() > 0.3, (caption, target.float().mean())
+    shapes = SyntheticCaptions(world, 8, 2, close_ups=1.0, shape_captions=1.0)
+    assert all(shapes[i][1].split()[-1][:-1] in world.things and len(shapes[i][1].split()) == 5 for i in range(16))
+    image, caption, target = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
+    assert not target.any() and not caption.startswith("a photo of")
 
 
 def test_resume_after_kill_gives_the_same_next_steps(tmp_path):

@@ -56,22 +56,28 @@ def anywhere_window(image_size: tuple[int, int], box: list[int], rng: np.random.
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string, the object's box (4,) in the image's [0, 1] coordinates for
-    a close-up, else NaNs) from train scene i // k (k items per scene); S is `image_size` (default: the world's size).
+    """Item i: (image (3, S, S) normalised, caption string, token target (S, S) bool) from train scene i // k (k items
+    per scene); S is `image_size` (default: the world's size).
 
-    Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views of one object
-    (chosen deterministically from i) captioned "a photo of a red star": `views` "centred" crops around it (10-40%
-    margins), "anywhere" puts it anywhere in a square window it fills 35-90% of (`anywhere_window`).
+    Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views (chosen
+    deterministically from i). A `stuff_close_ups` fraction of those show a window mostly inside one stuff region,
+    captioned "a photo of grass."; the others show one thing, captioned "a photo of a red star." (or, a
+    `shape_captions` fraction of them, "a photo of a star."): `views` "centred" crops around it (10-40% margins),
+    "anywhere" puts it anywhere in a square window it fills 35-90% of (`anywhere_window`).
+    The token target marks the pixels of the close-up's base thing or stuff (what a train label map shows); it is
+    empty for whole scenes and for novel things, which the world shows in captions only.
     Scenes are generated on first use and kept in memory.
     """
 
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
                  close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
-                 image_size: int | None = None, views: str = "centred"):
+                 image_size: int | None = None, views: str = "centred", stuff_close_ups: float = 0.0,
+                 shape_captions: float = 0.0):
         self.world, self.scenes, self.k, self.split = world, scenes, captions_per_scene, split
         self.image_size = image_size or world.size[0]
         self.close_ups, self.mean, self.std, self.views = close_ups, mean, std, views
-        self._cache: dict[int, tuple[np.ndarray, list[str], list]] = {}
+        self.stuff_close_ups, self.shape_captions = stuff_close_ups, shape_captions
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, list[str], list]] = {}
 
     def __len__(self) -> int:
         return self.scenes * self.k
@@ -80,23 +86,47 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
-            objects = [(o.box, o.name) for o in scene.objects]
-            self._cache[scene_id] = (scene.image, [c.text for c in scene.captions], objects)
-        image, captions, objects = self._cache[scene_id]
+            self._cache[scene_id] = (scene.image, scene.semantic.astype(np.uint8), [c.text for c in scene.captions],
+                                     [(o.box, o.category, o.colour, o.mask) for o in scene.objects])
+        image, semantic, captions, objects = self._cache[scene_id]
         rng = np.random.default_rng([index, 17])
-        if rng.random() < self.close_ups:
-            box, name = objects[int(rng.integers(len(objects)))]
+        if rng.random() >= self.close_ups:
+            window, caption, target = (0, 0, image.shape[1], image.shape[0]), captions[caption_id % len(captions)], None
+        elif rng.random() < self.stuff_close_ups:
+            window, caption, target = self._stuff_close_up(semantic, rng)
+        else:
+            box, category, colour, mask = objects[int(rng.integers(len(objects)))]
             if self.views == "centred":
-                x0, y0, x1, y1 = crop_window(image.shape[:2], box, margin=rng.uniform(0.1, 0.4))
+                window = crop_window(image.shape[:2], box, margin=rng.uniform(0.1, 0.4))
             else:
-                x0, y0, x1, y1 = anywhere_window(image.shape[:2], box, rng)
-            inside = torch.tensor([(box[0] - x0) / (x1 - x0), (box[1] - y0) / (y1 - y0),
-                                   (box[2] - x0) / (x1 - x0), (box[3] - y0) / (y1 - y0)])
-            article = "an" if name[0] in "aeiou" else "a"
-            return (to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size),
-                    f"a photo of {article} {name}.", inside)
-        return (to_tensor(image, self.mean, self.std, self.image_size), captions[caption_id % len(captions)],
-                torch.full((4,), float("nan")))
+                window = anywhere_window(image.shape[:2], box, rng)
+            name = category if rng.random() < self.shape_captions else f"{colour} {category}"
+            caption = f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}."
+            target = None if category in self.world.novel else mask
+        x0, y0, x1, y1 = window
+        size = (self.image_size, self.image_size)
+        if target is None:
+            target = torch.zeros(size, dtype=torch.bool)
+        else:
+            target = torch.from_numpy(target[y0:y1, x0:x1]).float()[None, None]
+            target = F.interpolate(target, size=size, mode="nearest")[0, 0].bool()
+        return to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size), caption, target
+
+    def _stuff_close_up(self, semantic: np.ndarray, rng: np.random.Generator
+                        ) -> tuple[tuple[int, int, int, int], str, np.ndarray]:
+        """A square window (30-60% of the image's short side) around one of 8 random pixels of a random stuff class
+        of the scene, the one that holds most of its pixels; "a photo of grass."; that class's pixels."""
+        height, width = semantic.shape
+        present = [c for c in np.unique(semantic) if self.world.classes[c] in self.world.stuff]
+        label = int(present[int(rng.integers(len(present)))])
+        region = semantic == label
+        side = int(min(height, width) * rng.uniform(0.3, 0.6))
+        ys, xs = np.nonzero(region)
+        picks = rng.integers(len(ys), size=8)
+        places = [(min(max(0, int(xs[k]) - side // 2), width - side), min(max(0, int(ys[k]) - side // 2), height - side))
+                  for k in picks]
+        x0, y0 = max(places, key=lambda p: region[p[1]:p[1] + side, p[0]:p[0] + side].sum())
+        return (x0, y0, x0 + side, y0 + side), f"a photo of {self.world.classes[label]}.", region
 
 
 class PatchCLIP(torch.nn.Module):
@@ -115,23 +145,23 @@ class PatchCLIP(torch.nn.Module):
         return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
 
 
-def tokens_inside(boxes: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, 4) boxes in [0, 1] image coordinates -> (B, grid * grid) bool: the patches whose centres lie inside."""
-    centres = (torch.arange(grid, device=boxes.device) + 0.5) / grid
-    inside_x = (centres >= boxes[:, 0:1]) & (centres < boxes[:, 2:3])  # (B, grid)
-    inside_y = (centres >= boxes[:, 1:2]) & (centres < boxes[:, 3:4])
-    return (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)
+def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, S, S) bool pixel targets -> (B, grid * grid) bool: the patches whose centre pixel is a target."""
+    size = targets.shape[-1]
+    centres = ((torch.arange(grid, device=targets.device) + 0.5) * size / grid).long()
+    return targets[:, centres][:, :, centres].flatten(1)
 
 
 def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
-    batch: (images (B, 3, H, W), tokens (B, L), close-up boxes (B, 4), NaN rows for whole scenes).
-    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding of a close-up whose
-    centre lies on the object's box (`tokens_inside`) is classified among the rank's captions by the same scaled
-    cosine, its own caption the target (others with the same text left out), and the cross-entropy, averaged over
-    those tokens, is added with that weight. It asks each object token, not only their pool, to name the object."""
-    images, tokens, boxes = batch
+    batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, `SyntheticCaptions`).
+    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding whose centre pixel is
+    a target (`patch_targets`: the close-up's base thing or stuff) is classified among the rank's captions by the
+    same scaled cosine, its own caption the target (others with the same text left out), and the cross-entropy,
+    averaged over those tokens, is added with that weight. It asks each token, not only their pool, to name what it
+    shows."""
+    images, tokens, targets = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -139,10 +169,12 @@ def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor
     loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
         image_features, text_features, logit_scale)
     values = {"loss": loss, "logit_scale": logit_scale.detach()}
-    own = torch.nonzero(~boxes[:, 0].isnan()).squeeze(1)
-    if token_weight and len(own):
-        patches = F.normalize(outputs[3][own], dim=-1)  # (n, h*w, D)
-        inside = tokens_inside(boxes[own].to(patches.device), int(round(patches.shape[1] ** 0.5)))  # (n, h*w)
+    if not token_weight:
+        return values
+    inside = patch_targets(targets.to(images.device), int(round(outputs[3].shape[1] ** 0.5)))  # (B, h*w)
+    own = torch.nonzero(inside.any(dim=1)).squeeze(1)
+    if len(own):
+        patches, inside = F.normalize(outputs[3][own], dim=-1), inside[own]  # (n, h*w, D), (n, h*w)
         logits = logit_scale * patches @ text_features.T  # (n, h*w, B)
         twins = (tokens[own][:, None] == tokens[None]).all(dim=-1)  # (n, B): the same caption text
         twins[torch.arange(len(own)), own] = False
@@ -231,7 +263,9 @@ class PretrainConfig(Recipe):
 
     model: an open_clip architecture, trained from random weights (initialised from train.seed).
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
-        per scene; close_ups: fraction of items that are one-object close-ups; eval_scenes: val scenes scored.
+        per scene; close_ups: fraction of items that are close-ups; close_up_views, stuff_close_ups, shape_captions:
+        their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
+        eval_scenes: val scenes scored.
     train: TrainConfig fields. export: where the final fp16 weights go (safetensors); a relative path is in the
         run's output folder; default OUT/MODEL.safetensors. Never inside the installed package.
     """
@@ -242,6 +276,8 @@ class PretrainConfig(Recipe):
     captions_per_scene: int = 3
     close_ups: float = 0.0
     close_up_views: str = "centred"
+    stuff_close_ups: float = 0.0
+    shape_captions: float = 0.0
     token_loss: float = 0.0
     eval_scenes: int = 200
 
@@ -251,6 +287,8 @@ class PretrainConfig(Recipe):
         checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
         checks.number("close_ups", self.close_ups, minimum=0, maximum=1)
         checks.choice("close_up_views", self.close_up_views, CLOSE_UP_VIEWS)
+        checks.number("stuff_close_ups", self.stuff_close_ups, minimum=0, maximum=1)
+        checks.number("shape_captions", self.shape_captions, minimum=0, maximum=1)
         checks.number("token_loss", self.token_loss, minimum=0)
         layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
         if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
@@ -284,11 +322,12 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     tokenizer = open_clip.get_tokenizer(config.model)
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
     data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups,
-                             image_size=backbone.image_size, views=config.close_up_views)
+                             image_size=backbone.image_size, views=config.close_up_views,
+                             stuff_close_ups=config.stuff_close_ups, shape_captions=config.shape_captions)
 
     def collate(items):
-        images, texts, boxes = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(boxes)
+        images, texts, targets = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets)
 
     def evaluate(_model):
         scores = zero_shot_crops(backbone, world, config.eval_scenes)
