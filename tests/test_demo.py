@@ -143,3 +143,11 @@ def test_demo_on_other_weights_names_them(tmp_path, capsys):
                  "--preset", "synthetic", "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"ovdense demo: model ovdense-tiny-vit, weights {weights},") and "ships with ovdense" not in out
+
+
+def test_demo_on_the_shipped_resnet_clip_names_its_recipe(tmp_path, capsys):
+    assert main(["demo", "--model", "ovdense-tiny-rn", "--weights", "synthetic", "--method", "maskclip",
+                 "--output", str(tmp_path / "out")]) == 0
+    note = capsys.readouterr().out.splitlines()[1]
+    assert note.startswith("weights: the tiny CLIP ovdense-tiny-rn that ships with ovdense")
+    assert shipped("clip", "ovdense-tiny-rn").recipe in note and "vit" not in note

@@ -10,12 +10,16 @@ from ..shipped import SHIPPED_CLIP, SHIPPED_TAG, ShippedModel, shipped
 from .console import logger
 
 REAL_MODEL = "ViT-B-16"  # the architecture real weights named alone (--weights openai) imply
-SYNTHETIC_NOTE = ("weights: the tiny CLIP that ships with ovdense, trained from scratch on the synthetic world's "
-                  f"captions ({shipped('clip', SHIPPED_CLIP).recipe}); it knows only that world's words. For real "
-                  "images use real CLIP weights: ovdense demo --model ViT-B-16 --weights openai --preset default.")
 RANDOM_NOTE = ("weights: RANDOM initialisation. No pretrained CLIP weights are available offline, so these masks "
                "show the pipeline working, not CLIP's knowledge. For real results pass --weights openai "
                "(downloaded once, then cached) or --weights /path/to/checkpoint.pt.")
+
+
+def shipped_clip_note(clip: ShippedModel) -> str:
+    """What a user of the shipped tiny CLIP `clip` should know: where it came from and what it knows."""
+    return (f"weights: the tiny CLIP {clip.name} that ships with ovdense, trained from scratch on the synthetic "
+            f"world's captions ({clip.recipe}); it knows only that world's words. For real images use real CLIP "
+            "weights: ovdense demo --model ViT-B-16 --weights openai --preset default.")
 
 
 def protocol_of(args, preset: str, dataset: str | None):

@@ -5,9 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UsageError
-from ..shipped import SHIPPED_CLIP, SHIPPED_TAG, ShippedModel, of_kind, shipped
-from .build import (RANDOM_NOTE, SYNTHETIC_NOTE, build_detection_predictor, build_predictor, check_model_options,
-                    describe, detector_args, use_shipped_method)
+from ..shipped import ShippedModel, of_kind, shipped
+from .build import (
+    RANDOM_NOTE,
+    build_detection_predictor,
+    build_predictor,
+    check_model_options,
+    describe,
+    detector_args,
+    shipped_clip_note,
+    use_shipped_method,
+)
 from .inputs import vocabulary
 from .options import add_model_options, add_output_folder, command_parser
 
@@ -46,9 +54,8 @@ def run(args) -> int:
     if chosen:
         best = chosen is shipped("segmenter")
         print(f"method: {chosen.title}, {'the best that ships' if best else 'as asked'}: {why(chosen)}")
-    random = backbone.weights.startswith("random")
-    shipped_clip = backbone.name == SHIPPED_CLIP and backbone.weights == SHIPPED_TAG
-    print(RANDOM_NOTE if random else SYNTHETIC_NOTE if shipped_clip else "")
+    clip = shipped("clip", backbone.name, backbone.weights)
+    print(RANDOM_NOTE if backbone.weights.startswith("random") else shipped_clip_note(clip) if clip else "")
     words = vocabulary(args) if args.classes else Vocabulary.coerce(world.classes)
     check = demo.run_demo(predictor, world, args.scene, words, out_dir, args.zoom, metadata=describe(predictor))
     _print_segmentation(check, args.scene, words, world, out_dir)
