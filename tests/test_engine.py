@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovdense.data.synthetic import SyntheticWorld
+from ovdense.data.synthetic import COLOURS, SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, patch_targets
+from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, patch_targets, true_of
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -43,8 +43,8 @@ def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0,
                              close_ups=close_ups, views=views)
 
     def collate(items):
-        images, texts, targets = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets)
+        images, texts, targets, subjects = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects)
 
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
     return Trainer(PatchCLIP(model) if token_weight else model, partial(clip_loss, token_weight=token_weight), data,
@@ -64,7 +64,8 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-vit", pretrained=None).eval()
     patch_clip = PatchCLIP(model)
-    images, texts = torch.randn(4, 3, 64, 64), ["a photo of a red star.", "sand", "a photo of a red star.", "a tree"]
+    texts = ["a photo of a red star.", "sand", "a photo of a star.", "a photo of a blue star."]
+    images = torch.randn(4, 3, 64, 64)
     tokens = open_clip.get_tokenizer("tiny-vit")(texts)
     image, text, scale, patches = patch_clip(images, tokens)
     reference = model(images, tokens)
@@ -73,8 +74,11 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     targets = torch.zeros(4, 64, 64, dtype=torch.bool)
     targets[0, 19:38, 13:51] = True  # a 4x4 grid: patch centres at pixels 8, 24, 40, 56
     targets[3, :32, :32] = True
-    plain = clip_loss(model, (images, tokens, targets))["loss"]
-    values = clip_loss(patch_clip, (images, tokens, targets), token_weight=0.5)
+    star, red, blue = 11, 0, 4  # world.classes, COLOURS
+    subjects = torch.tensor([[star, red, red], [-1, -1, -1], [star, blue, -1], [star, blue, blue]])
+    assert true_of(subjects).nonzero().tolist() == [[0, 0], [0, 2], [2, 2], [2, 3], [3, 2], [3, 3]]
+    plain = clip_loss(model, (images, tokens, targets, subjects))["loss"]
+    values = clip_loss(patch_clip, (images, tokens, targets, subjects), token_weight=0.5)
     assert torch.allclose(values["clip_loss"], plain, atol=1e-6)
     inside = patch_targets(targets[[0, 3]], 4).view(2, 4, 4)
     assert inside[0].nonzero().tolist() == [[1, 1], [1, 2]] and inside[1].nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
@@ -82,7 +86,7 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     for item, mask in zip((0, 3), inside):
         for token in patches[item][mask.flatten()]:
             logits = scale * F.normalize(token, dim=-1) @ text.T
-            twins = [j for j in range(4) if texts[j] == texts[item] and j != item]  # item 0's caption is item 2's too
+            twins = [2]  # "a photo of a star." is true of both stars
             logits[twins] = float("-inf")
             terms.append(F.cross_entropy(logits[None], torch.tensor([item])))
     assert len(terms) == 6
@@ -102,21 +106,25 @@ def test_close_ups_mark_base_things_and_stuff_never_novel_things():
     for views in ("centred", "anywhere"):
         data = SyntheticCaptions(world, scenes=8, captions_per_scene=2, close_ups=1.0, views=views, image_size=64)
         for index in range(16):
-            image, caption, target = data[index]
+            image, caption, target, (shown, paint, said) = data[index]
             assert caption.startswith("a photo of") and image.shape == (3, 64, 64) and target.shape == (64, 64)
             assert target.any() != any(caption.endswith(name) for name in novel), caption  # captions only for novel
+            assert caption.endswith(f"{list(COLOURS)[said]} {world.classes[shown]}.") and said == paint
     anywhere = SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere")
     places = {tuple(anywhere[i][2].nonzero().float().mean(dim=0).round().tolist()) for i in range(16) if anywhere[i][2].any()}
     assert len(places) > 6  # the thing is not always at the same place
     stuff = SyntheticCaptions(world, 8, 2, close_ups=1.0, stuff_close_ups=1.0, image_size=64)
     for index in range(16):
-        image, caption, target = stuff[index]
+        image, caption, target, subject = stuff[index]
         name = caption[len("a photo of "):-1]
         assert name in world.stuff and target.float().mean() > 0.3, (caption, target.float().mean())
+        assert subject.tolist() == [world.classes.index(name), -1, -1]
     shapes = SyntheticCaptions(world, 8, 2, close_ups=1.0, shape_captions=1.0)
-    assert all(shapes[i][1].split()[-1][:-1] in world.things and len(shapes[i][1].split()) == 5 for i in range(16))
-    image, caption, target = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
-    assert not target.any() and not caption.startswith("a photo of")
+    for index in range(16):
+        image, caption, target, (shown, paint, said) = shapes[index]
+        assert caption.endswith(f" {world.classes[shown]}.") and len(caption.split()) == 5 and paint >= 0 > said
+    image, caption, target, subject = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
+    assert not target.any() and not caption.startswith("a photo of") and subject.tolist() == [-1, -1, -1]
 
 
 def test_resume_after_kill_gives_the_same_next_steps(tmp_path):

@@ -242,8 +242,9 @@ def test_the_detector_does_not_change_the_clip_it_was_given(tiny_rn):
 
 def test_a_fine_tuned_token_table_is_saved_as_its_changed_rows(tiny_rn, tmp_path):
     from safetensors import safe_open
-    from ovdense.errors import CheckpointError
     from safetensors.torch import load_file, save_file
+
+    from ovdense.errors import CheckpointError
     torch.manual_seed(0)
     model = GLIPDetector(tiny_rn, **TINY)
     table = model.clip.model.token_embedding.weight
@@ -252,21 +253,26 @@ def test_a_fine_tuned_token_table_is_saved_as_its_changed_rows(tiny_rn, tmp_path
     key = "clip.model.token_embedding.weight"
     half = model.save(tmp_path / "half.safetensors", dtype=torch.float16)
     with safe_open(str(half), "pt") as handle:
-        assert key not in handle.keys() and handle.get_tensor(f"{key}@rows").tolist() == [7, 300, 49000]
+        assert key not in set(handle.keys()) and handle.get_tensor(f"{key}@rows").tolist() == [7, 300, 49000]
+        metadata = handle.metadata()
     reloaded = GLIPDetector.from_checkpoint(half)
     expected = tiny_rn.model.token_embedding.weight.detach().clone()  # the rest: those of the CLIP it was built on
     expected[[7, 300, 49000]] = table.detach()[[7, 300, 49000]].half().float()
     assert torch.equal(reloaded.clip.model.token_embedding.weight, expected)
     assert torch.equal(reloaded.bias0, model.bias0.detach().half().float())
+    with pytest.raises(CheckpointError, match="the CLIP given is another"):  # the other rows would be another CLIP's
+        GLIPDetector.from_checkpoint(half, weights="random:1")
     with torch.no_grad():
         table.mul_(1 - 1e-6)  # weight decay moves every row (in float32)
     with safe_open(str(model.save(tmp_path / "full.safetensors")), "pt") as handle:
-        assert key in handle.keys()  # more than half the rows changed: the table is kept whole
-    broken = load_file(half)
-    broken[f"{key}@rows"][0] = 49408  # past the table's end
-    save_file(broken, str(tmp_path / "broken.safetensors"), metadata=safe_open(str(half), "pt").metadata())
-    with pytest.raises(CheckpointError, match="changed rows of clip.model.token_embedding.weight"):
-        GLIPDetector.from_checkpoint(tmp_path / "broken.safetensors")
+        assert key in set(handle.keys())  # more than half the rows changed: the table is kept whole
+    for damage, message in ((lambda state: state[f"{key}@rows"].__setitem__(0, 49408), "outside the table"),
+                            (lambda state: state.pop(f"{key}@values"), "lack their @values")):
+        state = load_file(half)
+        damage(state)
+        save_file(state, str(tmp_path / "broken.safetensors"), metadata=metadata)
+        with pytest.raises(CheckpointError, match=message):
+            GLIPDetector.from_checkpoint(tmp_path / "broken.safetensors")
 
 
 # ------------------------------------------------------------------------------------------ predictor and CLI

@@ -56,8 +56,8 @@ def anywhere_window(image_size: tuple[int, int], box: list[int], rng: np.random.
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string, token target (S, S) bool) from train scene i // k (k items
-    per scene); S is `image_size` (default: the world's size).
+    """Item i: (image (3, S, S) normalised, caption string, token target (S, S) bool, subject (3,) int64) from train
+    scene i // k (k items per scene); S is `image_size` (default: the world's size).
 
     Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views (chosen
     deterministically from i). A `stuff_close_ups` fraction of those show a window mostly inside one stuff region,
@@ -65,7 +65,9 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     `shape_captions` fraction of them, "a photo of a star."): `views` "centred" crops around it (10-40% margins),
     "anywhere" puts it anywhere in a square window it fills 35-90% of (`anywhere_window`).
     The token target marks the pixels of the close-up's base thing or stuff (what a train label map shows); it is
-    empty for whole scenes and for novel things, which the world shows in captions only.
+    empty for whole scenes and for novel things, which the world shows in captions only. The subject says what a
+    close-up shows and what its caption says of it: its world class, its colour and the colour the caption names
+    (indices into world.classes and COLOURS; -1 for none: whole scenes, stuff, shape-only captions); `true_of`.
     Scenes are generated on first use and kept in memory.
     """
 
@@ -82,7 +84,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.scenes * self.k
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]:
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
@@ -90,19 +92,24 @@ class SyntheticCaptions(torch.utils.data.Dataset):
                                      [(o.box, o.category, o.colour, o.mask) for o in scene.objects])
         image, semantic, captions, objects = self._cache[scene_id]
         rng = np.random.default_rng([index, 17])
+        subject = [-1, -1, -1]
         if rng.random() >= self.close_ups:
             window, caption, target = (0, 0, image.shape[1], image.shape[0]), captions[caption_id % len(captions)], None
-        elif rng.random() < self.stuff_close_ups:
-            window, caption, target = self._stuff_close_up(semantic, rng)
+        elif self.stuff_close_ups and rng.random() < self.stuff_close_ups:  # no draw without: older recipes' data
+            window, subject[0] = self._stuff_close_up(semantic, rng)
+            caption, target = f"a photo of {self.world.classes[subject[0]]}.", semantic == subject[0]
         else:
             box, category, colour, mask = objects[int(rng.integers(len(objects)))]
             if self.views == "centred":
                 window = crop_window(image.shape[:2], box, margin=rng.uniform(0.1, 0.4))
             else:
                 window = anywhere_window(image.shape[:2], box, rng)
-            name = category if rng.random() < self.shape_captions else f"{colour} {category}"
+            said = not rng.random() < self.shape_captions
+            name = f"{colour} {category}" if said else category
             caption = f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}."
             target = None if category in self.world.novel else mask
+            paint = list(COLOURS).index(colour)
+            subject = [self.world.classes.index(category), paint, paint if said else -1]
         x0, y0, x1, y1 = window
         size = (self.image_size, self.image_size)
         if target is None:
@@ -110,12 +117,12 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         else:
             target = torch.from_numpy(target[y0:y1, x0:x1]).float()[None, None]
             target = F.interpolate(target, size=size, mode="nearest")[0, 0].bool()
-        return to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size), caption, target
+        return (to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size), caption, target,
+                torch.tensor(subject))
 
-    def _stuff_close_up(self, semantic: np.ndarray, rng: np.random.Generator
-                        ) -> tuple[tuple[int, int, int, int], str, np.ndarray]:
+    def _stuff_close_up(self, semantic: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], int]:
         """A square window (30-60% of the image's short side) around one of 8 random pixels of a random stuff class
-        of the scene, the one that holds most of its pixels; "a photo of grass."; that class's pixels."""
+        of the scene, the one that holds most of its pixels, and that class."""
         height, width = semantic.shape
         present = [c for c in np.unique(semantic) if self.world.classes[c] in self.world.stuff]
         label = int(present[int(rng.integers(len(present)))])
@@ -126,7 +133,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         places = [(min(max(0, int(xs[k]) - side // 2), width - side), min(max(0, int(ys[k]) - side // 2), height - side))
                   for k in picks]
         x0, y0 = max(places, key=lambda p: region[p[1]:p[1] + side, p[0]:p[0] + side].sum())
-        return (x0, y0, x0 + side, y0 + side), f"a photo of {self.world.classes[label]}.", region
+        return (x0, y0, x0 + side, y0 + side), label
 
 
 class PatchCLIP(torch.nn.Module):
@@ -155,13 +162,14 @@ def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
 def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
-    batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, `SyntheticCaptions`).
+    batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, subjects (B, 3)), as `SyntheticCaptions`
+    gives them.
     token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding whose centre pixel is
     a target (`patch_targets`: the close-up's base thing or stuff) is classified among the rank's captions by the
-    same scaled cosine, its own caption the target (others with the same text left out), and the cross-entropy,
-    averaged over those tokens, is added with that weight. It asks each token, not only their pool, to name what it
-    shows."""
-    images, tokens, targets = batch
+    same scaled cosine, its own caption the target (the others that are also true of it left out: the same text,
+    or `true_of`), and the cross-entropy, averaged over those tokens, is added with that weight. It asks each token,
+    not only their pool, to name what it shows."""
+    images, tokens, targets, subjects = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -176,12 +184,20 @@ def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor
     if len(own):
         patches, inside = F.normalize(outputs[3][own], dim=-1), inside[own]  # (n, h*w, D), (n, h*w)
         logits = logit_scale * patches @ text_features.T  # (n, h*w, B)
-        twins = (tokens[own][:, None] == tokens[None]).all(dim=-1)  # (n, B): the same caption text
+        twins = (tokens[own][:, None] == tokens[None]).all(dim=-1) | true_of(subjects)[own]  # (n, B)
         twins[torch.arange(len(own)), own] = False
         logits = logits.masked_fill(twins[:, None], float("-inf"))
         token_loss = F.cross_entropy(logits[inside], own[:, None].expand_as(inside)[inside])
         values |= {"loss": loss + token_weight * token_loss, "clip_loss": loss.detach(), "token_loss": token_loss.detach()}
     return values
+
+
+def true_of(subjects: torch.Tensor) -> torch.Tensor:
+    """(B, 3) `SyntheticCaptions` subjects -> (B, B) bool: caption j is true of close-up i (the same class, and no
+    colour named or i's colour: "a photo of a star." is true of a red star)."""
+    shown, paint, said = subjects.unbind(dim=1)
+    same = (shown[:, None] == shown[None]) & (shown[:, None] >= 0)
+    return same & ((said[None] < 0) | (said[None] == paint[:, None]))
 
 
 def colour_shape_text(backbone: CLIPBackbone, things: list[str], template: str = "a photo of a {}.") -> torch.Tensor:
@@ -326,8 +342,8 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
                              stuff_close_ups=config.stuff_close_ups, shape_captions=config.shape_captions)
 
     def collate(items):
-        images, texts, targets = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets)
+        images, texts, targets, subjects = zip(*items)
+        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects)
 
     def evaluate(_model):
         scores = zero_shot_crops(backbone, world, config.eval_scenes)

@@ -9,6 +9,7 @@ softmax over the queries) or per-query 'probability' masks in [0, 1] (used as th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -26,7 +27,6 @@ from ..text import TextEmbeddingCache
 
 
 NO_CLIP = "none"  # the recorded model of a method built without a CLIP (GLIP-T: Swin-T and BERT are in its file)
-TABLE_ROWS = 4096  # a trained CLIP weight with more rows (its token table) is saved as the rows training changed
 
 
 class TrainedModel:
@@ -52,7 +52,8 @@ class TrainedModel:
         backbone = None if metadata["model"] == NO_CLIP else load_clip(metadata["model"], weights or metadata["weights"],
                                                                         device=device)
         method = cls(backbone, **cls.restore_arguments({**metadata["config"], **overrides}))
-        load_trained_state(method, with_changed_rows(method, state, str(path)), str(path))
+        state = with_changed_rows(method, state, metadata.get("changed_rows", {}), str(path))
+        load_trained_state(method, state, str(path))
         return method.to(device).eval()
 
     @classmethod
@@ -90,66 +91,86 @@ def save_trained(method: nn.Module, path: str | Path, config: dict, preset: str 
     CLIP weights, and how to rebuild it, as safetensors.
 
     config: the constructor arguments of the method besides the backbone. prefixes: state-dict prefixes saved
-    whole, frozen or not. dtype: of the floating-point tensors written. A trained token table of the CLIP is written
-    as the rows that changed (`changed_rows`).
+    whole, frozen or not. dtype: of the floating-point tensors written. A trained token table of the CLIP (not under
+    `prefixes`) is written as the rows that changed (`changed_rows`).
     """
     state = trained_state(method)
     state.update({k: v for k, v in method.state_dict().items() if k.startswith(tuple(prefixes)) and prefixes})
-    state = changed_rows(method, {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-                                  for k, v in state.items()})
+    state, fingerprints = changed_rows(method, {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype)
+                                                .contiguous() for k, v in state.items()}, tuple(prefixes))
     backbone = method.backbone
     metadata = {"method": method.name, "model": backbone.name, "weights": backbone.weights,
-                "config": json.dumps(config), **({"preset": preset} if preset else {})}
+                "config": json.dumps(config), **({"preset": preset} if preset else {}),
+                **({"changed_rows": json.dumps(fingerprints)} if fingerprints else {})}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
     return Path(path)
 
 
-def changed_rows(method: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` with each trained token table of the method's CLIP (a 2-D weight of more than TABLE_ROWS rows) replaced
-    by the rows that differ, in the table's dtype, from the CLIP the method was built on: KEY@rows (R,) int64 and
-    KEY@values (R, D). GLIP fine-tunes the text tower, but only the rows of the words it reads move beyond weight
-    decay's float16-invisible shrinkage (48 of 49408 on the synthetic world). The table stays whole when more than
-    half of it changed or that CLIP cannot be loaded again."""
-    prefix = next((f"{name}." for name, module in method.named_modules() if module is method.backbone), None)
-    tables = [k for k, v in state.items() if prefix and k.startswith(prefix) and v.dim() == 2 and len(v) > TABLE_ROWS]
+def changed_rows(method: nn.Module, state: dict[str, torch.Tensor], keep: tuple[str, ...] = ()
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`state` with each trained token table of the method's CLIP (an nn.Embedding weight; none under the prefixes
+    `keep`, saved whole) replaced by the rows that differ, in the state's dtype, from the CLIP the method was built
+    on: KEY@rows (R,) int64 and KEY@values (R, D); and {KEY: `fingerprint` of that CLIP's table}, which the file
+    records so that loading onto another table fails. GLIP fine-tunes the text tower, but only the rows of the words
+    it reads move beyond weight decay's float16-invisible shrinkage (48 of 49408 on the synthetic world). A table
+    stays whole when more than half of it changed or that CLIP cannot be loaded again."""
+    backbone = method.backbone
+    prefix = next((f"{name}." for name, module in method.named_modules() if module is backbone), None)
+    tables = [f"{name}.weight" for name, module in method.named_modules() if isinstance(module, nn.Embedding)
+              and prefix and name.startswith(prefix) and not name.startswith(keep) and f"{name}.weight" in state]
     if not tables:
-        return state
+        return state, {}
     try:
-        built_on = load_clip(method.backbone.name, method.backbone.weights).state_dict()
+        built_on = load_clip(backbone.name, backbone.weights).state_dict()
     except (InputError, ValueError, OSError):
-        return state
-    state = dict(state)
+        return state, {}
+    state, fingerprints = dict(state), {}
     for key in tables:
-        base = built_on.get(key[len(prefix):])
-        if base is None or base.shape != state[key].shape:
-            continue
-        rows = torch.nonzero((state[key] != base.to(state[key].dtype)).any(dim=1)).squeeze(1)
-        if 2 * len(rows) > len(base):
-            continue
-        state[f"{key}@rows"], state[f"{key}@values"] = rows, state.pop(key)[rows].contiguous()
-    return state
+        base = built_on[key[len(prefix):]].to(state[key].dtype)
+        rows = torch.nonzero((state[key] != base).any(dim=1)).squeeze(1)
+        if 2 * len(rows) <= len(base):
+            state[f"{key}@rows"], state[f"{key}@values"] = rows, state.pop(key)[rows].contiguous()
+            fingerprints[key] = fingerprint(base)
+    return state, fingerprints
 
 
-def with_changed_rows(method: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+def fingerprint(table: torch.Tensor) -> str:
+    """The sha256 of a tensor's bytes (hex)."""
+    return hashlib.sha256(table.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+
+
+def with_changed_rows(method: nn.Module, state: dict[str, torch.Tensor], fingerprints: dict[str, str],
+                      source: str) -> dict[str, torch.Tensor]:
     """The inverse of `changed_rows`: each KEY@rows / KEY@values pair written into a copy of the method's KEY (the
-    table of the CLIP it was just built on). Raises CheckpointError naming `source` when a pair does not fit."""
-    tables = {k[:-len("@rows")] for k in state if k.endswith("@rows")}
+    table of the CLIP it was just built on, which must have the recorded fingerprint). Raises CheckpointError
+    naming `source` when a pair does not fit or the CLIP is not the one the file was trained on."""
+    tables = {k.rpartition("@")[0] for k in state if "@" in k}
     current = method.state_dict()
-    restored = {k: v for k, v in state.items() if k.rpartition("@")[0] not in tables}
+    restored = {k: v for k, v in state.items() if "@" not in k}
     for key in sorted(tables):
-        rows, values, table = state[f"{key}@rows"], state.get(f"{key}@values"), current.get(key)
-        fits = (table is not None and values is not None and rows.dim() == 1 and not rows.is_floating_point()
-                and values.shape == (len(rows), *table.shape[1:]) and bool(((rows >= 0) & (rows < len(table))).all()))
-        if not fits:
+        rows, values, table = state.get(f"{key}@rows"), state.get(f"{key}@values"), current.get(key)
+        missing = [part for part, there in (("@rows", rows is not None), ("@values", values is not None),
+                                            ("fingerprint", key in fingerprints)) if not there]
+        if missing:
+            raise CheckpointError(f"{source} is damaged: the changed rows of {key} lack their {', '.join(missing)}")
+        if (table is None or rows.dtype != torch.int64 or rows.dim() != 1
+                or values.shape != (len(rows), *table.shape[1:])):
             raise CheckpointError(f"{source} does not fit this {type(method).__name__}: its changed rows of {key} "
-                                  "are not rows of that table")
-        restored[key] = table.clone().index_copy_(0, rows, values.to(table.dtype))
+                                  f"({tuple(values.shape)}) are not rows of a table of that name")
+        if not bool(((rows >= 0) & (rows < len(table))).all()):
+            raise CheckpointError(f"{source} is damaged: a changed row of {key} lies outside the table")
+        if fingerprint(table.to(values.dtype)) != fingerprints[key]:
+            raise CheckpointError(f"{source} stores only the rows of {key} that training changed; the other rows come "
+                                  "from the CLIP it was trained on, and the CLIP given is another: leave out --weights "
+                                  "(or pass the weights the file records)")
+        restored[key] = table.clone().index_copy_(0, rows.to(table.device), values.to(table.device, table.dtype))
     return restored
 
 
 def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata with 'config' decoded, state dict (empty unless `tensors`)) of a file written by `save_trained`.
+    """(metadata with 'config' and 'changed_rows' decoded, state dict (empty unless `tensors`; a token table may be
+    KEY@rows / KEY@values, see `changed_rows`)) of a file written by `save_trained`.
 
     Raises CheckpointError naming the file when it is missing, a folder, not a safetensors file (a pickle is
     never unpickled), damaged, or a safetensors file without ovdense's method metadata.
@@ -178,6 +199,7 @@ def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str
                               f"{', '.join(missing)}); CLIP weights go to --weights, not --checkpoint")
     try:
         metadata["config"] = json.loads(metadata.get("config", "{}"))
+        metadata["changed_rows"] = json.loads(metadata.get("changed_rows", "{}"))
     except ValueError as error:
-        raise CheckpointError(f"{path}: the method config in its metadata is not valid JSON ({error})") from error
+        raise CheckpointError(f"{path}: the method config or changed rows in its metadata are not valid JSON ({error})") from error
     return metadata, state
