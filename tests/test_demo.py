@@ -136,13 +136,18 @@ def test_check_grounding_takes_each_phrases_best_box():
 
 
 def test_demo_on_other_weights_names_them(tmp_path, capsys):
-    """CLIP weights from a file are named as such (the first line), not described as the shipped model."""
+    """CLIP weights from a file are named as such (the first line), not described as the shipped model; the
+    architecture the file records (as `ovdense train clip` writes it) is taken without --model."""
     weights = tmp_path / "my-tiny-vit.safetensors"
     weights.write_bytes(shipped("clip").path.read_bytes())
-    assert main(["demo", "--model", "ovdense-tiny-vit", "--weights", str(weights), "--method", "maskclip",
-                 "--preset", "synthetic", "--output", str(tmp_path / "out")]) == 0
+    assert main(["demo", "--weights", str(weights), "--method", "maskclip", "--preset", "synthetic",
+                 "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"ovdense demo: model ovdense-tiny-vit, weights {weights},") and "ships with ovdense" not in out
+    assert main(["demo", "--model", "ovdense-tiny-rn", "--weights", str(weights), "--method", "maskclip",
+                 "--output", str(tmp_path / "out")]) == 1
+    assert "holds the weights of ovdense-tiny-vit, not of ovdense-tiny-rn; pass --model ovdense-tiny-vit" in \
+        capsys.readouterr().err
 
 
 def test_demo_on_the_shipped_resnet_clip_names_its_recipe(tmp_path, capsys):

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import huggingface_hub
 import open_clip
 import torch
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError, UsageError
 from ..shipped import SHIPPED_TAG, shipped
@@ -183,6 +184,8 @@ def _unreadable(path: Path, name: str, error: Exception) -> CheckpointError:
     if isinstance(error, pickle.UnpicklingError):
         reason = ("it is damaged, or it holds pickled Python objects besides tensors, which are not loaded "
                   "because unpickling them could run arbitrary code")
+    elif (recorded := recorded_architecture(str(path))) not in (None, name):
+        reason = f"it holds the weights of {recorded}, not of {name}; pass --model {recorded} (or leave --model out)"
     elif isinstance(error, RuntimeError) and "state_dict" in str(error):
         reason = f"its weights are not those of the {name} architecture; check the architecture name"
     else:
@@ -193,6 +196,20 @@ def _unreadable(path: Path, name: str, error: Exception) -> CheckpointError:
     detail = " ".join(" ".join(lines).split())
     detail = f"{type(error).__name__}: {detail[:200]}{'...' if len(detail) > 200 else ''}"
     return CheckpointError(f"cannot load CLIP weights from {path}: {reason} ({detail})")
+
+
+def recorded_architecture(weights: str) -> str | None:
+    """The open_clip architecture that a CLIP weights file records ('model' in the metadata of the .safetensors files
+    `ovdense train clip` writes), or None (not such a file, or unreadable: loading it will say why)."""
+    path = Path(weights).expanduser()
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    return metadata.get("model") if "method" not in metadata else None  # a method's file is no CLIP's
 
 
 def is_model_folder(weights: str) -> bool:
