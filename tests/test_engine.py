@@ -92,6 +92,16 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     assert len(terms) == 6
     assert torch.allclose(values["token_loss"], torch.stack(terms).mean(), atol=1e-5)
     assert torch.allclose(values["loss"], plain + 0.5 * values["token_loss"], atol=1e-5)
+    masked = clip_loss(model, (images, tokens, targets, subjects), mask_true_captions=True)["loss"]
+    logits = scale * image @ text.T
+    leave_out = true_of(subjects) & ~torch.eye(4, dtype=torch.bool)  # captions 0-3 differ in text
+    labels = torch.arange(4)
+    by_image = F.cross_entropy(logits.masked_fill(leave_out, float("-inf")), labels)
+    by_text = F.cross_entropy(logits.T.masked_fill(leave_out.T, float("-inf")), labels)
+    assert torch.allclose(masked, (by_image + by_text) / 2, atol=1e-5) and not torch.allclose(masked, plain)
+    nobody = torch.full((4, 3), -1)
+    assert torch.allclose(clip_loss(model, (images, tokens, targets, nobody), mask_true_captions=True)["loss"], plain,
+                          atol=1e-5)  # no repeats: open_clip's loss
 
     trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.5, token_weight=1.0, views="anywhere")
     trainer.fit()

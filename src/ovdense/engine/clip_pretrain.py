@@ -159,23 +159,29 @@ def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
     return targets[:, centres][:, :, centres].flatten(1)
 
 
-def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor]:
+def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool = False) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
     batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, subjects (B, 3)), as `SyntheticCaptions`
     gives them.
+    mask_true_captions: leave out of each image's softmax the other captions that are also true of it, and out of
+    each caption's the other images it is true of (`also_true`): templated close-up captions repeat, and a repeat
+    is no negative.
     token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding whose centre pixel is
     a target (`patch_targets`: the close-up's base thing or stuff) is classified among the rank's captions by the
-    same scaled cosine, its own caption the target (the others that are also true of it left out: the same text,
-    or `true_of`), and the cross-entropy, averaged over those tokens, is added with that weight. It asks each token,
-    not only their pool, to name what it shows."""
+    same scaled cosine, its own caption the target (the others that are also true of it left out), and the
+    cross-entropy, averaged over those tokens, is added with that weight. It asks each token, not only their pool,
+    to name what it shows."""
     images, tokens, targets, subjects = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
-    loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
-        image_features, text_features, logit_scale)
+    if mask_true_captions:
+        loss = masked_contrastive(image_features, text_features, logit_scale, tokens, subjects, rank, world)
+    else:
+        loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
+            image_features, text_features, logit_scale)
     values = {"loss": loss, "logit_scale": logit_scale.detach()}
     if not token_weight:
         return values
@@ -184,12 +190,39 @@ def clip_loss(model, batch, token_weight: float = 0.0) -> dict[str, torch.Tensor
     if len(own):
         patches, inside = F.normalize(outputs[3][own], dim=-1), inside[own]  # (n, h*w, D), (n, h*w)
         logits = logit_scale * patches @ text_features.T  # (n, h*w, B)
-        twins = (tokens[own][:, None] == tokens[None]).all(dim=-1) | true_of(subjects)[own]  # (n, B)
-        twins[torch.arange(len(own)), own] = False
-        logits = logits.masked_fill(twins[:, None], float("-inf"))
+        logits = logits.masked_fill(also_true(tokens, subjects)[own][:, None], float("-inf"))
         token_loss = F.cross_entropy(logits[inside], own[:, None].expand_as(inside)[inside])
         values |= {"loss": loss + token_weight * token_loss, "clip_loss": loss.detach(), "token_loss": token_loss.detach()}
     return values
+
+
+def masked_contrastive(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                       tokens: torch.Tensor, subjects: torch.Tensor, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """open_clip's ClipLoss over (B, D) unit features (gathered with their gradients under DDP, with the tokens
+    (B, L) and subjects (B, 3)), each softmax without the other pairs that `also_true` marks."""
+    if world > 1:
+        image_features, text_features = open_clip.loss.gather_features(
+            image_features, text_features, gather_with_grad=True, rank=rank, world_size=world)
+        tokens, subjects = _gathered(tokens, world), _gathered(subjects, world)
+    leave_out = also_true(tokens, subjects)  # (N, N)
+    logits = logit_scale * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits.masked_fill(leave_out, float("-inf")), labels)
+            + F.cross_entropy(logits.T.masked_fill(leave_out.T, float("-inf")), labels)) / 2
+
+
+def _gathered(tensor: torch.Tensor, world: int) -> torch.Tensor:
+    """The ranks' (B, ...) tensors concatenated in rank order (no gradient)."""
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def also_true(tokens: torch.Tensor, subjects: torch.Tensor) -> torch.Tensor:
+    """(B, L) caption tokens and (B, 3) subjects -> (B, B) bool: caption j is true of item i and j != i (the same
+    text, or `true_of`)."""
+    same = (tokens[:, None] == tokens[None]).all(dim=-1) | true_of(subjects.to(tokens.device))
+    return same & ~torch.eye(len(tokens), dtype=torch.bool, device=tokens.device)
 
 
 def true_of(subjects: torch.Tensor) -> torch.Tensor:
@@ -281,6 +314,7 @@ class PretrainConfig(Recipe):
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
         per scene; close_ups: fraction of items that are close-ups; close_up_views, stuff_close_ups, shape_captions:
         their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
+        mask_true_captions: no caption true of an image is its negative (`clip_loss`);
         eval_scenes: val scenes scored.
     train: TrainConfig fields. export: where the final fp16 weights go (safetensors); a relative path is in the
         run's output folder; default OUT/MODEL.safetensors. Never inside the installed package.
@@ -295,6 +329,7 @@ class PretrainConfig(Recipe):
     stuff_close_ups: float = 0.0
     shape_captions: float = 0.0
     token_loss: float = 0.0
+    mask_true_captions: bool = False
     eval_scenes: int = 200
 
     def check_keys(self) -> None:
@@ -306,6 +341,7 @@ class PretrainConfig(Recipe):
         checks.number("stuff_close_ups", self.stuff_close_ups, minimum=0, maximum=1)
         checks.number("shape_captions", self.shape_captions, minimum=0, maximum=1)
         checks.number("token_loss", self.token_loss, minimum=0)
+        checks.boolean("mask_true_captions", self.mask_true_captions)
         layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
         if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
             raise InputError(f"token_loss: the close-up token term needs a ViT; {self.model} is a ResNet")
@@ -354,8 +390,9 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
 
     run = {"method": "clip", "recipe": config.source, "model": {"model": config.model}}
     trainee = PatchCLIP(model) if config.token_loss else model
-    trainer = Trainer(trainee, partial(clip_loss, token_weight=config.token_loss), data, train_config, out_dir,
-                      collate=collate, evaluate=evaluate, device=device, progress=progress, run=run)
+    loss = partial(clip_loss, token_weight=config.token_loss, mask_true_captions=config.mask_true_captions)
+    trainer = Trainer(trainee, loss, data, train_config, out_dir, collate=collate, evaluate=evaluate, device=device,
+                      progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
     model.eval()
     scores = evaluate(model)
