@@ -121,7 +121,8 @@ def test_close_ups_mark_base_things_and_stuff_never_novel_things():
             assert target.any() != any(caption.endswith(name) for name in novel), caption  # captions only for novel
             assert caption.endswith(f"{list(COLOURS)[said]} {world.classes[shown]}.") and said == paint
     anywhere = SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere")
-    places = {tuple(anywhere[i][2].nonzero().float().mean(dim=0).round().tolist()) for i in range(16) if anywhere[i][2].any()}
+    places = {tuple(anywhere[i][2].nonzero().float().mean(dim=0).round().tolist())
+              for i in range(16) if anywhere[i][2].any()}
     assert len(places) > 6  # the thing is not always at the same place
     stuff = SyntheticCaptions(world, 8, 2, close_ups=1.0, stuff_close_ups=1.0, image_size=64)
     for index in range(16):

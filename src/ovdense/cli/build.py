@@ -81,10 +81,8 @@ def complete_model_flags(args) -> None:
     from ..backbones.loading import HF_CLIP, is_model_folder, recorded_architecture
     if getattr(args, "checkpoint", None):
         return
-    if args.model is None and args.weights is not None and is_model_folder(args.weights):
-        args.model = HF_CLIP  # a transformers CLIP folder: its config.json says the architecture
-    if args.model is None and args.weights is not None:
-        args.model = recorded_architecture(args.weights)  # a file `ovdense train clip` wrote says it too
+    if args.model is None and args.weights is not None:  # what a transformers folder or an ovdense file records
+        args.model = HF_CLIP if is_model_folder(args.weights) else recorded_architecture(args.weights)
     if args.model is None:
         args.model = SHIPPED_CLIP if args.weights in (None, SHIPPED_TAG) else REAL_MODEL
     if args.weights is None:

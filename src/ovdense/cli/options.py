@@ -33,8 +33,8 @@ def command_parser(sub, name: str, help: str, formatter: bool = True) -> argpars
 MODEL_RULE = (f"Without --model and --weights every command runs the CLIP that ships with ovdense ({SHIPPED_CLIP}, "
               "weights 'synthetic': offline, but it knows only the synthetic world's words). For real images name "
               "real weights, e.g. --model ViT-B-16 --weights openai (one flag implies the other: --model alone takes "
-              "its first open_clip tag, --weights alone takes ViT-B-16, the architecture a weights file records (as those "
-              "of `ovdense train clip` do), or the tiny CLIP for 'synthetic').")
+              "its first open_clip tag, --weights alone takes ViT-B-16, the architecture a weights file records (as "
+              "those of `ovdense train clip` do), or the tiny CLIP for 'synthetic').")
 
 
 def add_model_options(parser: argparse.ArgumentParser, methods=METHODS, presets=None) -> None:

@@ -130,8 +130,8 @@ class SyntheticCaptions(torch.utils.data.Dataset):
         side = int(min(height, width) * rng.uniform(0.3, 0.6))
         ys, xs = np.nonzero(region)
         picks = rng.integers(len(ys), size=8)
-        places = [(min(max(0, int(xs[k]) - side // 2), width - side), min(max(0, int(ys[k]) - side // 2), height - side))
-                  for k in picks]
+        places = [(min(max(0, int(xs[k]) - side // 2), width - side),
+                   min(max(0, int(ys[k]) - side // 2), height - side)) for k in picks]
         x0, y0 = max(places, key=lambda p: region[p[1]:p[1] + side, p[0]:p[0] + side].sum())
         return (x0, y0, x0 + side, y0 + side), label
 

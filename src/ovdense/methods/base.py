@@ -52,7 +52,7 @@ class TrainedModel:
         backbone = None if metadata["model"] == NO_CLIP else load_clip(metadata["model"], weights or metadata["weights"],
                                                                         device=device)
         method = cls(backbone, **cls.restore_arguments({**metadata["config"], **overrides}))
-        state = with_changed_rows(method, state, metadata.get("changed_rows", {}), str(path))
+        state = with_changed_rows(method, state, metadata["changed_rows"], str(path))
         load_trained_state(method, state, str(path))
         return method.to(device).eval()
 
@@ -201,5 +201,6 @@ def read_trained(path: str | Path, tensors: bool = True) -> tuple[dict, dict[str
         metadata["config"] = json.loads(metadata.get("config", "{}"))
         metadata["changed_rows"] = json.loads(metadata.get("changed_rows", "{}"))
     except ValueError as error:
-        raise CheckpointError(f"{path}: the method config or changed rows in its metadata are not valid JSON ({error})") from error
+        raise CheckpointError(f"{path}: the method config or changed rows in its metadata are not valid JSON "
+                              f"({error})") from error
     return metadata, state
