@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdense.backbones import CLIPBackbone
 from ovdense.data.synthetic import COLOURS, SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import PatchCLIP, SyntheticCaptions, clip_loss, patch_targets, true_of
+from ovdense.engine.clip_pretrain import (PatchCLIP, SyntheticCaptions, clip_loss, patch_targets,
+                                         top_k_caption_logits, true_of)
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -35,7 +37,11 @@ def test_schedule_and_data_order():
     assert lr_at(50, poly) == pytest.approx(0.5 ** 0.9) and lr_at(100, poly) == pytest.approx(0.0)
 
 
-def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0, views="centred"):
+def _patch_clip(model, readout="plain"):
+    return PatchCLIP(CLIPBackbone(model, open_clip.get_tokenizer("tiny-vit"), "tiny-vit", "test"), readout)
+
+
+def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0, views="centred", mil_weight=0.0):
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-vit", pretrained=None)
     tokenizer = open_clip.get_tokenizer("tiny-vit")
@@ -47,8 +53,9 @@ def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0,
         return torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects)
 
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
-    return Trainer(PatchCLIP(model) if token_weight else model, partial(clip_loss, token_weight=token_weight), data,
-                   config, tmp_path, collate=collate, progress=False)
+    loss = partial(clip_loss, token_weight=token_weight, mil_weight=mil_weight, mil_top_k=4)
+    return Trainer(_patch_clip(model, "maskclip" if mil_weight else "plain") if token_weight or mil_weight else model,
+                   loss, data, config, tmp_path, collate=collate, progress=False)
 
 
 def test_clip_contrastive_loss_falls(tmp_path):
@@ -63,7 +70,7 @@ def test_clip_contrastive_loss_falls(tmp_path):
 def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-vit", pretrained=None).eval()
-    patch_clip = PatchCLIP(model)
+    patch_clip = _patch_clip(model)
     texts = ["a photo of a red star.", "sand", "a photo of a star.", "a photo of a blue star."]
     images = torch.randn(4, 3, 64, 64)
     tokens = open_clip.get_tokenizer("tiny-vit")(texts)
@@ -107,6 +114,43 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     trainer.fit()
     with open(tmp_path / "metrics.csv") as handle:
         losses = [float(row["token_loss"]) for row in csv.DictReader(handle)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_the_caption_level_token_term_is_its_formula_and_falls(tmp_path):
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-vit", pretrained=None).eval()
+    patch_clip = _patch_clip(model, "maskclip")
+    texts = ["a photo of a red star.", "a red star and sand.", "a photo of a star.", "a photo of grass."]
+    images = torch.randn(4, 3, 64, 64)
+    tokens = open_clip.get_tokenizer("tiny-vit")(texts)
+    image, text, scale, patches = patch_clip(images, tokens)
+    for mine, theirs in zip((image, text, scale), model(images, tokens)):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    dense = patch_clip.backbone.dense_features(images, "maskclip").features  # (4, D, 4, 4)
+    assert torch.allclose(patches, dense.flatten(2).transpose(1, 2), atol=1e-5)  # the readout the demo uses
+    star, red, blue, grass = 11, 0, 4, 0
+    # a red star (novel or not: no pixel is marked), a whole scene, a blue star said as "a star", a grass close-up
+    subjects = torch.tensor([[star, red, red], [-1, -1, -1], [star, blue, -1], [grass, -1, -1]])
+    targets = torch.zeros(4, 64, 64, dtype=torch.bool)
+    values = clip_loss(patch_clip, (images, tokens, targets, subjects), mil_weight=0.5, mil_top_k=3)
+    terms = []
+    for item in (0, 2, 3):  # the close-ups
+        units = F.normalize(patches[item], dim=-1)  # (16, D)
+        logits = torch.stack([(scale * units @ t).sort(descending=True).values[:3].mean() for t in text])
+        if item == 0:
+            logits[2] = float("-inf")  # "a photo of a star." is true of the red star too
+        terms.append(F.cross_entropy(logits[None], torch.tensor([item])))
+    assert torch.allclose(values["mil_loss"], torch.stack(terms).mean(), atol=1e-5)
+    assert torch.allclose(values["loss"], values["clip_loss"] + 0.5 * values["mil_loss"], atol=1e-5)
+    assert "token_loss" not in values  # no pixel is marked
+    assert torch.allclose(top_k_caption_logits(F.normalize(patches, dim=-1), text, scale, 16),
+                          scale * (F.normalize(patches, dim=-1) @ text.T).mean(dim=1), atol=1e-5)  # k = all: mean
+
+    trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.5, mil_weight=1.0, views="anywhere")
+    trainer.fit()
+    with open(tmp_path / "metrics.csv") as handle:
+        losses = [float(row["mil_loss"]) for row in csv.DictReader(handle)]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 

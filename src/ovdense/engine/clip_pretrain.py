@@ -25,6 +25,7 @@ from .trainer import Trainer, check_resume, seeded
 
 
 CLOSE_UP_VIEWS = ("centred", "anywhere")
+TOKEN_READOUTS = ("plain", "maskclip")
 
 
 def crop_window(image_size: tuple[int, int], box: list[int], margin: float = 0.25) -> tuple[int, int, int, int]:
@@ -137,19 +138,23 @@ class SyntheticCaptions(torch.utils.data.Dataset):
 
 
 class PatchCLIP(torch.nn.Module):
-    """An open_clip ViT CLIP whose forward also returns its patch embeddings: (images (B, 3, H, W), tokens (T, L)) ->
-    (image features (B, D) and text features (T, D), both unit, logit scale, patch embeddings (B, h*w, D): ln_post and
-    proj on each last-block token, the `plain` dense readout). The first three are open_clip's forward's."""
+    """A ViT CLIP (a `CLIPBackbone`) whose forward also returns its patch embeddings: (images (B, 3, H, W), tokens
+    (T, L)) -> (image features (B, D) and text features (T, D), both unit, logit scale, patch embeddings (B, h*w, D):
+    the `readout` dense mode's tokens after ln_post and proj, "plain" (the last block as it is) or "maskclip" (its
+    value path)). The first three are open_clip's forward's."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, backbone: CLIPBackbone, readout: str = "plain"):
         super().__init__()
-        self.model = model
+        self.backbone, self.readout = backbone, checks.choice("token_readout", readout, TOKEN_READOUTS)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        visual = self.model.visual
-        pooled, patches = visual._pool(visual.transformer(visual._embeds(images)))
+        visual, model = self.backbone.visual, self.backbone.model
+        x, grid = self.backbone.vit_tokens(images, depth=-1)
+        pooled, patches = visual._pool(self.backbone._vit_blocks(x, visual.transformer.resblocks[-1:]))
+        if self.readout != "plain":
+            patches = visual.ln_post(self.backbone.vit_last_block(x, self.readout, grid, with_keys=False)[0][:, 1:])
         image = F.normalize(pooled @ visual.proj, dim=-1)
-        return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
+        return image, model.encode_text(tokens, normalize=True), model.logit_scale.exp(), patches @ visual.proj
 
 
 def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
@@ -159,7 +164,8 @@ def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
     return targets[:, centres][:, :, centres].flatten(1)
 
 
-def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool = False) -> dict[str, torch.Tensor]:
+def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool = False, mil_weight: float = 0.0,
+              mil_top_k: int = 8) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
     batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, subjects (B, 3)), as `SyntheticCaptions`
@@ -167,11 +173,14 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
     mask_true_captions: leave out of each image's softmax the other captions that are also true of it, and out of
     each caption's the other images it is true of (`also_true`): templated close-up captions repeat, and a repeat
     is no negative.
-    token_weight > 0 (`model` a PatchCLIP) adds the close-up token term: every patch embedding whose centre pixel is
-    a target (`patch_targets`: the close-up's base thing or stuff) is classified among the rank's captions by the
-    same scaled cosine, its own caption the target (the others that are also true of it left out), and the
-    cross-entropy, averaged over those tokens, is added with that weight. It asks each token, not only their pool,
-    to name what it shows."""
+    The token terms need `model` a PatchCLIP; each classifies among the rank's captions by the same scaled cosine,
+    its own caption the target and the others that are also true of it left out:
+    token_weight > 0 adds the close-up token term: every patch embedding whose centre pixel is a target
+    (`patch_targets`: the close-up's base thing or stuff) is classified, and the cross-entropy, averaged over those
+    tokens, is added with that weight. It asks each token, not only their pool, to name what it shows.
+    mil_weight > 0 adds the caption-level (multiple-instance) token term: every close-up, novel things included, is
+    classified by `top_k_caption_logits`, each caption scored by the `mil_top_k` patches that match it best. No
+    pixel is marked: some patches must name the caption, and none may name a caption that is false of the view."""
     images, tokens, targets, subjects = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
@@ -183,17 +192,30 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
         loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
             image_features, text_features, logit_scale)
     values = {"loss": loss, "logit_scale": logit_scale.detach()}
-    if not token_weight:
+    if not (token_weight or mil_weight):
         return values
-    inside = patch_targets(targets.to(images.device), int(round(outputs[3].shape[1] ** 0.5)))  # (B, h*w)
+    values["clip_loss"] = loss.detach()
+    patches, leave_out = F.normalize(outputs[3], dim=-1), also_true(tokens, subjects)  # (B, h*w, D), (B, B)
+    inside = patch_targets(targets.to(images.device), int(round(patches.shape[1] ** 0.5)))  # (B, h*w)
     own = torch.nonzero(inside.any(dim=1)).squeeze(1)
-    if len(own):
-        patches, inside = F.normalize(outputs[3][own], dim=-1), inside[own]  # (n, h*w, D), (n, h*w)
-        logits = logit_scale * patches @ text_features.T  # (n, h*w, B)
-        logits = logits.masked_fill(also_true(tokens, subjects)[own][:, None], float("-inf"))
-        token_loss = F.cross_entropy(logits[inside], own[:, None].expand_as(inside)[inside])
-        values |= {"loss": loss + token_weight * token_loss, "clip_loss": loss.detach(), "token_loss": token_loss.detach()}
+    if token_weight and len(own):
+        logits = (logit_scale * patches[own] @ text_features.T).masked_fill(leave_out[own][:, None], float("-inf"))
+        token_loss = F.cross_entropy(logits[inside[own]], own[:, None].expand(-1, inside.shape[1])[inside[own]])
+        values |= {"loss": values["loss"] + token_weight * token_loss, "token_loss": token_loss.detach()}
+    shown = torch.nonzero(subjects[:, 0] >= 0).squeeze(1).to(images.device)  # the close-ups
+    if mil_weight and len(shown):
+        logits = top_k_caption_logits(patches[shown], text_features, logit_scale, mil_top_k)
+        mil_loss = F.cross_entropy(logits.masked_fill(leave_out[shown], float("-inf")), shown)
+        values |= {"loss": values["loss"] + mil_weight * mil_loss, "mil_loss": mil_loss.detach()}
     return values
+
+
+def top_k_caption_logits(patches: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, k: int
+                         ) -> torch.Tensor:
+    """(n, P, D) unit patch embeddings and (T, D) unit caption features -> (n, T): each caption's scaled cosine with
+    an image, averaged over the k of its P patches that match that caption best."""
+    logits = logit_scale * patches @ text_features.T  # (n, P, T)
+    return logits.topk(min(k, logits.shape[1]), dim=1).values.mean(dim=1)
 
 
 def masked_contrastive(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -314,6 +336,8 @@ class PretrainConfig(Recipe):
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
         per scene; close_ups: fraction of items that are close-ups; close_up_views, stuff_close_ups, shape_captions:
         their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
+        mil_loss, mil_top_k: the weight of the caption-level token term and its patches per caption (`clip_loss`,
+        ViTs); token_readout: the dense mode whose patch tokens these terms train (`PatchCLIP`);
         mask_true_captions: no caption true of an image is its negative (`clip_loss`);
         eval_scenes: val scenes scored.
     train: TrainConfig fields. export: where the final fp16 weights go (safetensors); a relative path is in the
@@ -329,6 +353,9 @@ class PretrainConfig(Recipe):
     stuff_close_ups: float = 0.0
     shape_captions: float = 0.0
     token_loss: float = 0.0
+    mil_loss: float = 0.0
+    mil_top_k: int = 8
+    token_readout: str = "plain"
     mask_true_captions: bool = False
     eval_scenes: int = 200
 
@@ -341,10 +368,14 @@ class PretrainConfig(Recipe):
         checks.number("stuff_close_ups", self.stuff_close_ups, minimum=0, maximum=1)
         checks.number("shape_captions", self.shape_captions, minimum=0, maximum=1)
         checks.number("token_loss", self.token_loss, minimum=0)
+        checks.number("mil_loss", self.mil_loss, minimum=0)
+        checks.integer("mil_top_k", self.mil_top_k, minimum=1)
+        checks.choice("token_readout", self.token_readout, TOKEN_READOUTS)
         checks.boolean("mask_true_captions", self.mask_true_captions)
         layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
-        if self.token_loss and isinstance(layers, (list, tuple)):  # a ResNet's stages
-            raise InputError(f"token_loss: the close-up token term needs a ViT; {self.model} is a ResNet")
+        for key in ("token_loss", "mil_loss"):
+            if getattr(self, key) and isinstance(layers, (list, tuple)):  # a ResNet's stages
+                raise InputError(f"{key}: the token terms need a ViT; {self.model} is a ResNet")
         checks.integer("eval_scenes", self.eval_scenes, minimum=1)
 
 
@@ -389,8 +420,9 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
         return scores
 
     run = {"method": "clip", "recipe": config.source, "model": {"model": config.model}}
-    trainee = PatchCLIP(model) if config.token_loss else model
-    loss = partial(clip_loss, token_weight=config.token_loss, mask_true_captions=config.mask_true_captions)
+    trainee = PatchCLIP(backbone, config.token_readout) if config.token_loss or config.mil_loss else model
+    loss = partial(clip_loss, token_weight=config.token_loss, mask_true_captions=config.mask_true_captions,
+                   mil_weight=config.mil_loss, mil_top_k=config.mil_top_k)
     trainer = Trainer(trainee, loss, data, train_config, out_dir, collate=collate, evaluate=evaluate, device=device,
                       progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
