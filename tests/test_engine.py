@@ -78,6 +78,8 @@ def test_the_close_up_token_term_is_its_formula_and_falls(tmp_path):
     reference = model(images, tokens)
     for mine, theirs in zip((image, text, scale), reference):
         assert torch.allclose(mine, theirs, atol=1e-6)
+    visual = model.visual  # the plain readout: open_clip's own last tokens
+    assert torch.allclose(patches, visual._pool(visual.transformer(visual._embeds(images)))[1] @ visual.proj, atol=1e-6)
     targets = torch.zeros(4, 64, 64, dtype=torch.bool)
     targets[0, 19:38, 13:51] = True  # a 4x4 grid: patch centres at pixels 8, 24, 40, 56
     targets[3, :32, :32] = True
@@ -121,29 +123,37 @@ def test_the_caption_level_token_term_is_its_formula_and_falls(tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("tiny-vit", pretrained=None).eval()
     patch_clip = _patch_clip(model, "maskclip")
-    texts = ["a photo of a red star.", "a red star and sand.", "a photo of a star.", "a photo of grass."]
-    images = torch.randn(4, 3, 64, 64)
+    texts = ["a photo of a red star.", "a red star and sand.", "a photo of a star.", "a photo of grass.",
+             "a photo of a blue circle.", "a photo of sand."]
+    images = torch.randn(6, 3, 64, 64)
     tokens = open_clip.get_tokenizer("tiny-vit")(texts)
     image, text, scale, patches = patch_clip(images, tokens)
     for mine, theirs in zip((image, text, scale), model(images, tokens)):
         assert torch.allclose(mine, theirs, atol=1e-6)
-    dense = patch_clip.backbone.dense_features(images, "maskclip").features  # (4, D, 4, 4)
+    dense = patch_clip.backbone.dense_features(images, "maskclip").features  # (6, D, 4, 4)
     assert torch.allclose(patches, dense.flatten(2).transpose(1, 2), atol=1e-5)  # the readout the demo uses
-    star, red, blue, grass = 11, 0, 4, 0
-    # a red star (novel or not: no pixel is marked), a whole scene, a blue star said as "a star", a grass close-up
-    subjects = torch.tensor([[star, red, red], [-1, -1, -1], [star, blue, -1], [grass, -1, -1]])
-    targets = torch.zeros(4, 64, 64, dtype=torch.bool)
+    star, circle, red, blue, grass, sand = 11, 8, 0, 4, 1, 3  # world.classes, COLOURS
+    # a red star (novel or not: no pixel is marked), a whole scene, a blue star said as "a star", a grass close-up,
+    # a blue circle, a sand close-up
+    subjects = torch.tensor([[star, red, red], [-1, -1, -1], [star, blue, -1], [grass, -1, -1], [circle, blue, blue],
+                             [sand, -1, -1]])
+    targets = torch.zeros(6, 64, 64, dtype=torch.bool)
     values = clip_loss(patch_clip, (images, tokens, targets, subjects), mil_weight=0.5, mil_top_k=3)
+    # each close-up against the captions of its kind's close-ups that are not true of it (scene captions never)
+    against = {0: [0, 4], 2: [0, 2, 4], 3: [3, 5], 4: [0, 2, 4], 5: [3, 5]}
     terms = []
-    for item in (0, 2, 3):  # the close-ups
+    for item, columns in against.items():
         units = F.normalize(patches[item], dim=-1)  # (16, D)
-        logits = torch.stack([(scale * units @ t).sort(descending=True).values[:3].mean() for t in text])
-        if item == 0:
-            logits[2] = float("-inf")  # "a photo of a star." is true of the red star too
-        terms.append(F.cross_entropy(logits[None], torch.tensor([item])))
+        logits = torch.stack([(scale * units @ text[j]).sort(descending=True).values[:3].mean() for j in columns])
+        terms.append(F.cross_entropy(logits[None], torch.tensor([columns.index(item)])))
     assert torch.allclose(values["mil_loss"], torch.stack(terms).mean(), atol=1e-5)
     assert torch.allclose(values["loss"], values["clip_loss"] + 0.5 * values["mil_loss"], atol=1e-5)
     assert "token_loss" not in values  # no pixel is marked
+    targets[0, :32] = targets[3] = True
+    both = clip_loss(patch_clip, (images, tokens, targets, subjects), token_weight=2.0, mil_weight=0.5, mil_top_k=3)
+    assert torch.allclose(both["mil_loss"], values["mil_loss"], atol=1e-6)  # pixel targets do not touch it
+    assert torch.allclose(both["loss"], both["clip_loss"] + 2.0 * both["token_loss"] + 0.5 * both["mil_loss"],
+                          atol=1e-5)
     assert torch.allclose(top_k_caption_logits(F.normalize(patches, dim=-1), text, scale, 16),
                           scale * (F.normalize(patches, dim=-1) @ text.T).mean(dim=1), atol=1e-5)  # k = all: mean
 

@@ -251,7 +251,7 @@ class CLIPBackbone(nn.Module):
         if self.arch == "resnet":
             return self.global_attention_pool(self._resnet_trunk(images)[-1])
         x, _ = self._vit_embed(images)
-        x = self._vit_blocks(x, self.visual.transformer.resblocks)
+        x = self.vit_blocks(x, self.visual.transformer.resblocks)
         pooled, _ = self.visual._pool(x)
         return pooled @ self.visual.proj
 
@@ -318,12 +318,12 @@ class CLIPBackbone(nn.Module):
         wanted = {i % len(blocks) for i in indices}
         outputs = {}
         for i, block in enumerate(blocks if run_all else blocks[: max(wanted) + 1]):
-            x = self._vit_blocks(x, [block])
+            x = self.vit_blocks(x, [block])
             if i in wanted:
                 outputs[i] = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, *grid)
         return [outputs[i % len(blocks)] for i in indices], x, grid
 
-    def _vit_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
+    def vit_blocks(self, x: torch.Tensor, blocks) -> torch.Tensor:
         """Run blocks on batch-first tokens (B, N, width)."""
         batch_first = getattr(self.visual.transformer, "batch_first", True)
         x = x if batch_first else x.transpose(0, 1)
@@ -349,7 +349,7 @@ class CLIPBackbone(nn.Module):
         """(B, 3, H, W) -> tokens (B, 1 + h*w, width) after the first `depth` blocks (negative: all but the
         last -depth), and the grid (h, w). pos_resize: see POS_RESIZE."""
         x, grid = self._vit_embed(images.to(self.dtype), pos_resize)
-        return self._vit_blocks(x, self.visual.transformer.resblocks[:depth]), grid
+        return self.vit_blocks(x, self.visual.transformer.resblocks[:depth]), grid
 
     def vit_last_block(self, x: torch.Tensor, mode: str, grid: tuple[int, int], block: nn.Module | None = None,
                        with_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:

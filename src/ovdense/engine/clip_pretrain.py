@@ -141,20 +141,22 @@ class PatchCLIP(torch.nn.Module):
     """A ViT CLIP (a `CLIPBackbone`) whose forward also returns its patch embeddings: (images (B, 3, H, W), tokens
     (T, L)) -> (image features (B, D) and text features (T, D), both unit, logit scale, patch embeddings (B, h*w, D):
     the `readout` dense mode's tokens after ln_post and proj, "plain" (the last block as it is) or "maskclip" (its
-    value path)). The first three are open_clip's forward's."""
+    value path, one more last block's cost)). The first three are open_clip's forward's. Its state dict is the CLIP's
+    under "model." as before."""
 
     def __init__(self, backbone: CLIPBackbone, readout: str = "plain"):
         super().__init__()
-        self.backbone, self.readout = backbone, checks.choice("token_readout", readout, TOKEN_READOUTS)
+        self.model, self.readout = backbone.model, checks.choice("token_readout", readout, TOKEN_READOUTS)
+        self.__dict__["backbone"] = backbone  # not a submodule: its parameters are self.model's
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        visual, model = self.backbone.visual, self.backbone.model
+        visual = self.model.visual
         x, grid = self.backbone.vit_tokens(images, depth=-1)
-        pooled, patches = visual._pool(self.backbone._vit_blocks(x, visual.transformer.resblocks[-1:]))
+        pooled, patches = visual._pool(self.backbone.vit_blocks(x, visual.transformer.resblocks[-1:]))
         if self.readout != "plain":
             patches = visual.ln_post(self.backbone.vit_last_block(x, self.readout, grid, with_keys=False)[0][:, 1:])
         image = F.normalize(pooled @ visual.proj, dim=-1)
-        return image, model.encode_text(tokens, normalize=True), model.logit_scale.exp(), patches @ visual.proj
+        return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
 
 
 def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
@@ -179,8 +181,10 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
     (`patch_targets`: the close-up's base thing or stuff) is classified, and the cross-entropy, averaged over those
     tokens, is added with that weight. It asks each token, not only their pool, to name what it shows.
     mil_weight > 0 adds the caption-level (multiple-instance) token term: every close-up, novel things included, is
-    classified by `top_k_caption_logits`, each caption scored by the `mil_top_k` patches that match it best. No
-    pixel is marked: some patches must name the caption, and none may name a caption that is false of the view."""
+    classified by `top_k_caption_logits` among the captions of close-ups of its kind (things or stuff), each caption
+    scored by the `mil_top_k` patches that match it best. No pixel is marked: some patches must name the caption,
+    more than any patch names another of its kind. Scene captions and the other kind's are no negatives: a thing
+    close-up shows stuff around it (and may show a part of another thing: the noise this term accepts)."""
     images, tokens, targets, subjects = batch
     outputs = model(images, tokens)
     image_features, text_features, logit_scale = outputs[:3]
@@ -202,10 +206,12 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
         logits = (logit_scale * patches[own] @ text_features.T).masked_fill(leave_out[own][:, None], float("-inf"))
         token_loss = F.cross_entropy(logits[inside[own]], own[:, None].expand(-1, inside.shape[1])[inside[own]])
         values |= {"loss": values["loss"] + token_weight * token_loss, "token_loss": token_loss.detach()}
-    shown = torch.nonzero(subjects[:, 0] >= 0).squeeze(1).to(images.device)  # the close-ups
+    shown = torch.nonzero(subjects[:, 0] >= 0).squeeze(1)  # the close-ups
     if mil_weight and len(shown):
+        thing = subjects[:, 1] >= 0  # (B,) a thing close-up: it has a paint
+        other_kind = (thing[:, None] != thing[None]) | (subjects[None, :, 0] < 0)  # (B, B)
         logits = top_k_caption_logits(patches[shown], text_features, logit_scale, mil_top_k)
-        mil_loss = F.cross_entropy(logits.masked_fill(leave_out[shown], float("-inf")), shown)
+        mil_loss = F.cross_entropy(logits.masked_fill((leave_out | other_kind)[shown], float("-inf")), shown)
         values |= {"loss": values["loss"] + mil_weight * mil_loss, "mil_loss": mil_loss.detach()}
     return values
 
