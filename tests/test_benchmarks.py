@@ -1,6 +1,6 @@
 """The benchmarks measure what they say: bench_speed counts what torch's FLOP counter does not know as the work it
 stands for, and bench_claims' per-scene statistics equal the evaluators (and bench_regionclip_synthetic's region
-recognition) on all scenes."""
+recognition) on all scenes; the dense diagnostic scores crops and scenes as the training runs do."""
 import sys
 from pathlib import Path
 
@@ -81,3 +81,20 @@ def test_the_claims_statistics_equal_the_evaluators_on_all_scenes(tmp_path):
     grounder = GroundingPredictor(load_detector("glip", weights="synthetic")[0], get_detection_protocol("glip-synthetic"))
     expected = evaluate_grounding(grounder, data / "grounding_val.jsonl", progress=False)["R@1_novel"]
     assert score.novel_recall(grounder)(everything) == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_dense_diagnostic_scores_crops_and_scenes_as_the_training_runs_do():
+    import diagnose_dense_things
+    from ovdense.backbones import load_clip
+    from ovdense.data.synthetic import SyntheticWorld
+    from ovdense.engine.clip_pretrain import zero_shot_crops, zero_shot_regions
+
+    backbone, world = load_clip("ovdense-tiny-vit", "synthetic"), SyntheticWorld(96, seed=0)
+    report = diagnose_dense_things.diagnose(backbone, world, scenes=12)
+    crops, regions = zero_shot_crops(backbone, world, 12), zero_shot_regions(backbone, world, 12)
+    for group in ("base", "novel"):  # abs: the training runs average in float32
+        assert report[group]["crop"] == pytest.approx(crops[f"zs_{group}_acc"], abs=1e-4)
+        assert report[group]["scene dense"] == pytest.approx(regions[f"dense_{group}_acc"], abs=1e-4)
+        assert 0 < report[group]["on thing"] < 100
+        assert sum(count for _, count in report[group]["scene answers"]) <= report[group]["things"]
+    assert report["base"]["things"] + report["novel"]["things"] == crops["zs_crops"]

@@ -155,8 +155,8 @@ class PatchCLIP(torch.nn.Module):
         pooled, patches = visual._pool(self.backbone.vit_blocks(x, visual.transformer.resblocks[-1:]))
         if self.readout != "plain":
             patches = visual.ln_post(self.backbone.vit_last_block(x, self.readout, grid, with_keys=False)[0][:, 1:])
-        image = F.normalize(pooled @ visual.proj, dim=-1)
-        return image, self.model.encode_text(tokens, normalize=True), self.model.logit_scale.exp(), patches @ visual.proj
+        image, text = F.normalize(pooled @ visual.proj, dim=-1), self.model.encode_text(tokens, normalize=True)
+        return image, text, self.model.logit_scale.exp(), patches @ visual.proj
 
 
 def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
