@@ -175,8 +175,11 @@ def test_set_changes_recipe_values_and_its_mistakes_are_refused_before_any_work(
         with pytest.raises(InputError, match=message):
             _cli("tcl", "--config", path, "--output", tmp_path / "run", "--set", assignment)
     clip = _write(tmp_path / "clip.yaml", _recipes(tmp_path)["clip"])
-    with pytest.raises(InputError, match="token_loss: the close-up token term needs a ViT; tiny-rn is a ResNet"):
-        _cli("clip", "--config", clip, "--output", tmp_path / "run", "--set", "model=tiny-rn", "--set", "token_loss=1")
+    for key in ("token_loss", "mil_loss"):
+        with pytest.raises(InputError, match=f"{key}: the token terms need a ViT; tiny-rn is a ResNet"):
+            _cli("clip", "--config", clip, "--output", tmp_path / "run", "--set", "model=tiny-rn", "--set", f"{key}=1")
+    with pytest.raises(InputError, match="token_readout: unknown value 'value'"):
+        _cli("clip", "--config", clip, "--output", tmp_path / "run", "--set", "token_readout=value")
     assert not (tmp_path / "world").exists() and not (tmp_path / "run").exists()
 
 
