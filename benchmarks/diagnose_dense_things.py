@@ -23,22 +23,13 @@ from collections import Counter
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from ovdense.backbones import load_clip
 from ovdense.backbones.loading import recorded_architecture
 from ovdense.data.export import scene_index
 from ovdense.data.images import to_tensor
 from ovdense.data.synthetic import COLOURS, SyntheticWorld
-from ovdense.engine.clip_pretrain import colour_shape_text, crop_window
-
-
-def region_scores(dense: torch.Tensor, boxes: torch.Tensor, scale: float, text: torch.Tensor, shapes: int
-                  ) -> torch.Tensor:
-    """(1, D, h, w) dense map, (N, 4) boxes in pixels of an image `scale` times the map's stride -> (N, colours,
-    shapes) cosine similarity of each box's RoIAligned (7x7, averaged) feature with the captions `text`."""
-    regions = roi_align(dense, [boxes], 7, scale, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
-    return (F.normalize(regions, dim=-1) @ text.T).view(len(boxes), len(COLOURS), shapes)
+from ovdense.engine.clip_pretrain import colour_shape_text, crop_window, region_scores
 
 
 @torch.no_grad()
@@ -55,7 +46,7 @@ def diagnose(backbone, world: SyntheticWorld, scenes: int) -> dict[str, dict]:
         whole = to_tensor(scene.image, mean, std, size)[None].to(backbone.device)
         dense = backbone.dense_features(whole, "maskclip").features
         boxes = torch.tensor([o.box for o in scene.objects], dtype=dense.dtype, device=dense.device)
-        in_scene = region_scores(dense, boxes, dense.shape[-1] / scene.image.shape[1], text, len(things))
+        in_scene = region_scores(dense, boxes, dense.shape[-1] / scene.image.shape[1], text)
         for obj, scene_scores in zip(scene.objects, in_scene):
             x0, y0, x1, y1 = crop_window(scene.image.shape[:2], obj.box)
             crop = to_tensor(scene.image[y0:y1, x0:x1], mean, std, size)[None].to(backbone.device)
@@ -64,7 +55,7 @@ def diagnose(backbone, world: SyntheticWorld, scenes: int) -> dict[str, dict]:
             sx, sy = size / (x1 - x0), size / (y1 - y0)
             box = torch.tensor([[(obj.box[0] - x0) * sx, (obj.box[1] - y0) * sy, (obj.box[2] - x0) * sx,
                                  (obj.box[3] - y0) * sy]], dtype=crop_dense.dtype, device=crop_dense.device)
-            crop_scores = region_scores(crop_dense, box, crop_dense.shape[-1] / size, text, len(things))[0]
+            crop_scores = region_scores(crop_dense, box, crop_dense.shape[-1] / size, text)[0]
             shape = things.index(obj.category)
             own = text[list(COLOURS).index(obj.colour) * len(things) + shape]
             best = int((F.normalize(crop_dense[0].flatten(1).T, dim=-1) @ own).argmax())

@@ -316,9 +316,8 @@ def zero_shot_regions(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int
     """Zero-shot shape accuracy (%) of the val objects read from the whole scene's dense map: the `mode` dense
     features at the model's native size, RoIAligned (7x7, averaged) over each object's exact box, scored as
     `zero_shot_crops` scores crops. What a dense method can get from the foundation before any training."""
-    from torchvision.ops import roi_align
     text = colour_shape_text(backbone, list(world.things))
-    regions, shapes = [], []
+    scores, shapes = [], []
     for i in range(scenes):
         scene = world.scene(scene_index(split, i))
         image = to_tensor(scene.image, backbone.image_mean, backbone.image_std, backbone.image_size)[None]
@@ -326,12 +325,19 @@ def zero_shot_regions(backbone: CLIPBackbone, world: SyntheticWorld, scenes: int
         boxes = torch.tensor([obj.box for obj in scene.objects], dtype=dense.dtype, device=dense.device)
         if not len(boxes):
             continue
-        scale = dense.shape[-1] / scene.image.shape[1]
-        regions.append(roi_align(dense, [boxes], 7, scale, sampling_ratio=2, aligned=True).mean(dim=(2, 3)))
+        scores.append(region_scores(dense, boxes, dense.shape[-1] / scene.image.shape[1], text).cpu())
         shapes += [world.things.index(obj.category) for obj in scene.objects]
-    scores = (F.normalize(torch.cat(regions), dim=-1) @ text.T).view(-1, len(COLOURS), len(world.things)).cpu()
-    base, novel = shape_accuracy(scores, shapes, world)
+    base, novel = shape_accuracy(torch.cat(scores), shapes, world)
     return {"dense_base_acc": base, "dense_novel_acc": novel}
+
+
+def region_scores(dense: torch.Tensor, boxes: torch.Tensor, scale: float, text: torch.Tensor) -> torch.Tensor:
+    """(1, D, h, w) dense map, (N, 4) boxes in the pixels of an image `scale` times the map's size and
+    (colours * shapes, D) `colour_shape_text` -> (N, colours, shapes) cosine similarity of each box's RoIAligned
+    (7x7, averaged) feature with each caption."""
+    from torchvision.ops import roi_align
+    regions = roi_align(dense, [boxes], 7, scale, sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+    return (F.normalize(regions, dim=-1) @ text.T).view(len(boxes), len(COLOURS), -1)
 
 
 @dataclass
