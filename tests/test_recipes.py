@@ -114,6 +114,8 @@ BAD = [  # (method, key changed, value, what the message must say)
     ("clip", "modle", "tiny-vit", "modle: unknown key (did you mean `model`?)"),
     ("clip", "model", "tiny-vitt", "model: unknown CLIP architecture 'tiny-vitt' (did you mean `tiny-vit`?)"),
     ("clip", "export", 3, "export: must be a non-empty string"),
+    ("clip", "weights", "runs/none.safetensors", "weights: the file runs/none.safetensors does not exist"),
+    ("clip", "weights", "opneai", "weights: 'opneai' is neither a file nor a pretrained tag of tiny-vit"),
     ("tcl", "method.decoder_layer", 2, "method.decoder_layer: unknown key (did you mean `decoder_layers`?)"),
     ("tcl", "method.backbone", "x", "method.backbone: unknown key"),
     ("tcl", "method.kernel_size", 2, "method.kernel_size: must be odd"),
@@ -341,6 +343,19 @@ def test_the_seed_draws_the_initial_weights(tmp_path, tiny_model_configs):
         assert first.keys() == second.keys()
         assert all(torch.equal(first[k], second[k]) for k in first), build.__name__
         assert not all(torch.equal(first[k], other[k]) for k in first), build.__name__
+
+
+def test_a_clip_recipe_continues_from_an_earlier_runs_export(tmp_path, tiny_model_configs):
+    """weights: FILE starts training from that file (train.seed then only orders the data), in train mode."""
+    values = _recipes(tmp_path)["clip"]
+    _, _, first = pretrain_clip(PretrainConfig(**values), tmp_path / "first", progress=False)
+    more = PretrainConfig(**values | {"weights": str(first), "train": dict(SMALL_TRAIN, seed=5)})
+    start, saved = build_clip(more), load_file(first)
+    assert start.training and start.state_dict().keys() == saved.keys()
+    assert all(torch.equal(start.state_dict()[k].half(), saved[k]) for k in saved)
+    _, _, second = pretrain_clip(more, tmp_path / "second", progress=False)
+    trained = load_file(second)
+    assert not all(torch.equal(trained[k], saved[k]) for k in saved)  # it trained on from there
 
 
 def test_two_runs_of_a_recipe_give_the_same_final_weights(tmp_path, tiny_model_configs):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..backbones import CLIPBackbone
+from ..backbones.loading import RANDOM_WEIGHTS, load_clip
 from ..data.export import scene_index
 from ..data.images import to_tensor
 from ..data.synthetic import COLOURS, SyntheticWorld
@@ -20,7 +21,7 @@ from ..errors import InputError
 from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from . import checks
-from .recipe import Recipe, check_world, finish_run, run_paths, validated
+from .recipe import Recipe, check_clip, check_world, finish_run, run_paths, validated
 from .trainer import Trainer, check_resume, seeded
 
 
@@ -344,7 +345,8 @@ def region_scores(dense: torch.Tensor, boxes: torch.Tensor, scale: float, text: 
 class PretrainConfig(Recipe):
     """A tiny-CLIP recipe (YAML): architecture, world, data size, training settings, export path.
 
-    model: an open_clip architecture, trained from random weights (initialised from train.seed).
+    model: an open_clip architecture. weights: where training starts: 'random' (drawn from train.seed) or a source
+        `load_clip` reads (a weights file, e.g. an earlier run's export, to train it further; a pretrained tag).
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
         per scene; close_ups: fraction of items that are close-ups; close_up_views, stuff_close_ups, shape_captions:
         their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
@@ -357,6 +359,7 @@ class PretrainConfig(Recipe):
     """
 
     model: str = "ovdense-tiny-vit"
+    weights: str = RANDOM_WEIGHTS
     world: dict = field(default_factory=lambda: {"size": 96, "seed": 0, "max_objects": 4})
     scenes: int = 20000
     captions_per_scene: int = 3
@@ -370,6 +373,9 @@ class PretrainConfig(Recipe):
     token_readout: str = "plain"
     mask_true_captions: bool = False
     eval_scenes: int = 200
+
+    def check_model(self) -> None:
+        check_clip(self.model, self.weights)
 
     def check_keys(self) -> None:
         check_world(self.world)
@@ -392,7 +398,10 @@ class PretrainConfig(Recipe):
 
 
 def build_clip(config: PretrainConfig) -> torch.nn.Module:
-    """`config.model` with random weights drawn from train.seed: the same recipe starts from the same weights."""
+    """`config.model` with `config.weights`; random ones are drawn from train.seed, so the same recipe starts from
+    the same weights."""
+    if config.weights != RANDOM_WEIGHTS:
+        return load_clip(config.model, config.weights).model.train()
     with seeded(config.train_config().seed):
         return open_clip.create_model(config.model, pretrained=None)
 
