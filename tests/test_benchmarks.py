@@ -98,3 +98,20 @@ def test_the_dense_diagnostic_scores_crops_and_scenes_as_the_training_runs_do():
         assert 0 < report[group]["on thing"] < 100
         assert sum(count for _, count in report[group]["scene answers"]) <= report[group]["things"]
     assert report["base"]["things"] + report["novel"]["things"] == crops["zs_crops"]
+
+
+def test_the_training_free_claims_need_no_trained_runs(tmp_path, monkeypatch, capsys):
+    import bench_claims
+    from ovdense.data.export import export_world
+    from ovdense.data.synthetic import SyntheticWorld
+
+    data = export_world(SyntheticWorld(), tmp_path / "world", {"train": 1, "val": 2}, progress=False)
+    argv = ["bench_claims.py", "--runs", str(tmp_path / "none"), "--data", str(data), "--scenes", "2", "--draws", "20"]
+    monkeypatch.setattr(sys, "argv", argv + ["--only", "maskclip"])
+    bench_claims.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| MaskCLIP family")]
+    assert [row.split("|")[3].strip() for row in rows[-4:]] == ["maskclip", "sclip", "clearclip", "naclip"]
+    monkeypatch.setattr(sys, "argv", argv + ["--only", "maskclip", "tcl"])
+    with pytest.raises(SystemExit):  # TCL is trained: its seeds' runs are needed
+        bench_claims.main()
+    assert "has no seed*/ folders" in capsys.readouterr().err
