@@ -118,6 +118,7 @@ class Scorer:
         return rate_statistic(hits)
 
 
+@torch.no_grad()  # restored on return: the tests call main()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/claims", help="the folder with seed0/, seed1/, ... (train_claims.sh)")
@@ -128,7 +129,6 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--only", nargs="*", help="claims to run (maskclip tcl denseclip regionclip glip)")
     args = parser.parse_args()
-    torch.set_grad_enabled(False)
     only = set(args.only or ["maskclip", "tcl", "denseclip", "regionclip", "glip"])
     seeds = sorted(p for p in Path(args.runs).glob("seed*") if p.is_dir())
     if not seeds and only - {"maskclip"}:  # the MaskCLIP family is training-free

@@ -115,3 +115,4 @@ def test_the_training_free_claims_need_no_trained_runs(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):  # TCL is trained: its seeds' runs are needed
         bench_claims.main()
     assert "has no seed*/ folders" in capsys.readouterr().err
+    assert torch.is_grad_enabled()  # main's no_grad ends with it
