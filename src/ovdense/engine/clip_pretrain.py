@@ -22,7 +22,7 @@ from ..io import atomic_path
 from ..text import TextEmbeddingCache
 from . import checks
 from .recipe import Recipe, check_clip, check_world, finish_run, run_paths, validated
-from .trainer import Trainer, check_resume, seeded
+from .trainer import Trainer, check_resume
 
 
 CLOSE_UP_VIEWS = ("centred", "anywhere")
@@ -398,12 +398,9 @@ class PretrainConfig(Recipe):
 
 
 def build_clip(config: PretrainConfig) -> torch.nn.Module:
-    """`config.model` with `config.weights`; random ones are drawn from train.seed, so the same recipe starts from
-    the same weights."""
-    if config.weights != RANDOM_WEIGHTS:
-        return load_clip(config.model, config.weights).model.train()
-    with seeded(config.train_config().seed):
-        return open_clip.create_model(config.model, pretrained=None)
+    """`config.model` with `config.weights`, in train mode; 'random' ones are drawn from train.seed, so the same
+    recipe starts from the same weights."""
+    return load_clip(config.model, config.weights, seed=config.train_config().seed).model.train()
 
 
 def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = True,
