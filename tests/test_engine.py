@@ -1,5 +1,6 @@
 """The training engine and the tiny-CLIP pre-training: schedule, data order, loss falls, exact resume."""
 import csv
+import logging
 from functools import partial
 import os
 import stat
@@ -14,6 +15,7 @@ from ovdense.data.synthetic import COLOURS, SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
 from ovdense.engine.clip_pretrain import (PatchCLIP, SyntheticCaptions, clip_loss, patch_targets,
                                          top_k_caption_logits, true_of)
+from ovdense.engine import trainer as trainer_module
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
 from ovdense.io import PACKAGE_DIR, atomic_path, inside_package, write_text_atomic
@@ -235,6 +237,18 @@ def test_sgd_with_momentum_learns_and_resumes_exactly(tmp_path):
     resumed = _linear_trainer(tmp_path / "b", steps=6, optimizer="sgd")
     resumed.fit()  # the momentum buffers come back with the checkpoint
     torch.testing.assert_close(straight.model.weight, resumed.model.weight)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_autocast_only_where_bfloat16_is_native(tmp_path, monkeypatch, caplog, native):
+    monkeypatch.setattr(trainer_module, "native_cpu_bfloat16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="ovdense"):
+        trainer = _linear_trainer(tmp_path, steps=2, amp=True)
+    assert trainer.amp is native and ("no native bfloat16" in caplog.text) is not native
+    dtypes = []
+    trainer.loss_fn = lambda wrapped, batch: dtypes.append(wrapped(batch).dtype) or {"loss": wrapped(batch).float().pow(2).mean()}
+    trainer.fit()
+    assert set(dtypes) == {torch.bfloat16 if native else torch.float32}
 
 
 @pytest.mark.parametrize("values, key", [

@@ -7,6 +7,7 @@ from the last checkpoint replays exactly the steps that a run without the kill w
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -25,9 +26,17 @@ from ..io import atomic_path
 from ..state import load_trained_state, trained_state
 from . import checks
 
+logger = logging.getLogger(__name__)
+
 SCHEDULES = ("cosine", "poly")
 GRAD_CLIP_TYPES = ("total", "per-parameter")
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def native_cpu_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's test: AVX-512 or AMX cores); elsewhere, e.g. on
+    AVX2-only CPUs, autocast emulates it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 @dataclass
@@ -216,6 +225,10 @@ class Trainer:
                           else torch.optim.SGD(param_groups, lr=config.lr, momentum=0.9))
         cuda = str(device).startswith("cuda")
         self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.amp = config.amp and (cuda or native_cpu_bfloat16())
+        if config.amp and not self.amp and self.rank == 0:
+            logger.warning("train.amp: this CPU has no native bfloat16 (oneDNN finds no AVX-512 or AMX), where "
+                          "autocast would be over 10x slower than float32; training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
         self.wrapped = model
         if self.world > 1:
@@ -300,7 +313,7 @@ class Trainer:
             # random layers (dropout, Gumbel noise) draw from a stream seeded by (seed, step, micro-batch, rank)
             torch.manual_seed(((self.config.seed * 1_000_003 + self.step) * 1_009 + micro) * 1_013 + self.rank)
             with torch.autocast(device_type="cuda" if "cuda" in str(self.device) else "cpu", dtype=self.amp_dtype,
-                                enabled=self.config.amp):
+                                enabled=self.amp):
                 values = self.loss_fn(self.wrapped, batch)
             self.scaler.scale(values["loss"] / self.config.accumulate).backward()
             for key, value in values.items():
