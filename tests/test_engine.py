@@ -180,6 +180,13 @@ def test_close_ups_mark_base_things_and_stuff_never_novel_things():
     places = {tuple(anywhere[i][2].nonzero().float().mean(dim=0).round().tolist())
               for i in range(16) if anywhere[i][2].any()}
     assert len(places) > 6  # the thing is not always at the same place
+    sides = {}  # the thing's longer side / the window's side, at two fills
+    for fill in ((0.25, 0.3), (0.8, 0.9)):
+        views = SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere", fill=fill)
+        sides[fill] = [max(float(axis.max() - axis.min() + 1) for axis in target.nonzero().T) / target.shape[0]
+                       for _, _, target, _ in (views[i] for i in range(16)) if target.any()]
+    # the small fill is held unless the window would outgrow the image (things fill 28-52% of the scene)
+    assert max(sides[0.25, 0.3]) < 0.5 and all(0.75 <= side <= 0.95 for side in sides[0.8, 0.9]), sides
     stuff = SyntheticCaptions(world, 8, 2, close_ups=1.0, stuff_close_ups=1.0, image_size=64)
     for index in range(16):
         image, caption, target, subject = stuff[index]

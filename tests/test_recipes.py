@@ -99,6 +99,8 @@ BAD = [  # (method, key changed, value, what the message must say)
     ("clip", "train.steps", 0, "train.steps: must be an integer >= 1, got 0"),
     ("clip", "token_loss", -0.5, "token_loss: must be >= 0"),
     ("clip", "close_up_views", "random", "close_up_views: unknown value 'random'; choose one of centred, anywhere"),
+    ("clip", "close_up_fill", [0.9, 0.3], "close_up_fill: the first value must not exceed the second"),
+    ("clip", "close_up_fill", [0, 0.5], "close_up_fill[0]: must be > 0, got 0"),
     ("clip", "train.steps", "ten", "train.steps: must be an integer, got the text 'ten'"),
     ("clip", "train.batch_size", 0, "train.batch_size: must be an integer >= 1"),
     ("clip", "train.accumulate", 3, "train.batch_size: 4 is not divisible by accumulate (3)"),

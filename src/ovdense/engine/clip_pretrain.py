@@ -65,7 +65,8 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     deterministically from i). A `stuff_close_ups` fraction of those show a window mostly inside one stuff region,
     captioned "a photo of grass."; the others show one thing, captioned "a photo of a red star." (or, a
     `shape_captions` fraction of them, "a photo of a star."): `views` "centred" crops around it (10-40% margins),
-    "anywhere" puts it anywhere in a square window it fills 35-90% of (`anywhere_window`).
+    "anywhere" puts it anywhere in a square window whose side its box's longer side fills a random `fill` fraction
+    of (`anywhere_window`; things in whole scenes fill 28-52% of it, with their neighbours in view).
     The token target marks the pixels of the close-up's base thing or stuff (what a train label map shows); it is
     empty for whole scenes and for novel things, which the world shows in captions only. The subject says what a
     close-up shows and what its caption says of it: its world class, its colour and the colour the caption names
@@ -76,11 +77,11 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
                  close_ups: float = 0.0, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD,
                  image_size: int | None = None, views: str = "centred", stuff_close_ups: float = 0.0,
-                 shape_captions: float = 0.0):
+                 shape_captions: float = 0.0, fill: tuple[float, float] = (0.35, 0.9)):
         self.world, self.scenes, self.k, self.split = world, scenes, captions_per_scene, split
         self.image_size = image_size or world.size[0]
         self.close_ups, self.mean, self.std, self.views = close_ups, mean, std, views
-        self.stuff_close_ups, self.shape_captions = stuff_close_ups, shape_captions
+        self.stuff_close_ups, self.shape_captions, self.fill = stuff_close_ups, shape_captions, fill
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, list[str], list]] = {}
 
     def __len__(self) -> int:
@@ -105,7 +106,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
             if self.views == "centred":
                 window = crop_window(image.shape[:2], box, margin=rng.uniform(0.1, 0.4))
             else:
-                window = anywhere_window(image.shape[:2], box, rng)
+                window = anywhere_window(image.shape[:2], box, rng, self.fill)
             said = not rng.random() < self.shape_captions
             name = f"{colour} {category}" if said else category
             caption = f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}."
@@ -348,8 +349,8 @@ class PretrainConfig(Recipe):
     model: an open_clip architecture. weights: where training starts: 'random' (drawn from train.seed) or a source
         `load_clip` reads (a weights file, e.g. an earlier run's export, to train it further; a pretrained tag).
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
-        per scene; close_ups: fraction of items that are close-ups; close_up_views, stuff_close_ups, shape_captions:
-        their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
+        per scene; close_ups: fraction of items that are close-ups; close_up_views, close_up_fill (the "anywhere"
+        views' range of box side / window side), stuff_close_ups, shape_captions: their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
         mil_loss, mil_top_k: the weight of the caption-level token term and its patches per caption (`clip_loss`,
         ViTs); token_readout: the dense mode whose patch tokens these terms train (`PatchCLIP`);
         mask_true_captions: no caption true of an image is its negative (`clip_loss`);
@@ -365,6 +366,7 @@ class PretrainConfig(Recipe):
     captions_per_scene: int = 3
     close_ups: float = 0.0
     close_up_views: str = "centred"
+    close_up_fill: list = field(default_factory=lambda: [0.35, 0.9])
     stuff_close_ups: float = 0.0
     shape_captions: float = 0.0
     token_loss: float = 0.0
@@ -383,6 +385,8 @@ class PretrainConfig(Recipe):
         checks.integer("captions_per_scene", self.captions_per_scene, minimum=1)
         checks.number("close_ups", self.close_ups, minimum=0, maximum=1)
         checks.choice("close_up_views", self.close_up_views, CLOSE_UP_VIEWS)
+        checks.pair("close_up_fill", self.close_up_fill,
+                    lambda key, v: checks.number(key, v, positive=True, maximum=1), ordered=True)
         checks.number("stuff_close_ups", self.stuff_close_ups, minimum=0, maximum=1)
         checks.number("shape_captions", self.shape_captions, minimum=0, maximum=1)
         checks.number("token_loss", self.token_loss, minimum=0)
@@ -424,7 +428,8 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
     backbone = CLIPBackbone(model, tokenizer, name=config.model, weights=f"training:{out_dir}")
     data = SyntheticCaptions(world, config.scenes, config.captions_per_scene, close_ups=config.close_ups,
                              image_size=backbone.image_size, views=config.close_up_views,
-                             stuff_close_ups=config.stuff_close_ups, shape_captions=config.shape_captions)
+                             stuff_close_ups=config.stuff_close_ups, shape_captions=config.shape_captions,
+                             fill=tuple(config.close_up_fill))
 
     def collate(items):
         images, texts, targets, subjects = zip(*items)
