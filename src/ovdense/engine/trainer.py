@@ -228,7 +228,7 @@ class Trainer:
         self.amp = config.amp and (cuda or native_cpu_bfloat16())
         if config.amp and not self.amp and self.rank == 0:
             logger.warning("train.amp: this CPU has no native bfloat16 (oneDNN finds no AVX-512 or AMX), where "
-                          "autocast would be over 10x slower than float32; training in float32")
+                           "autocast would be over 10x slower than float32; training in float32")
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
         self.wrapped = model
         if self.world > 1:
