@@ -253,7 +253,8 @@ def test_cpu_autocast_only_where_bfloat16_is_native(tmp_path, monkeypatch, caplo
         trainer = _linear_trainer(tmp_path, steps=2, amp=True)
     assert trainer.amp is native and ("no native bfloat16" in caplog.text) is not native
     dtypes = []
-    trainer.loss_fn = lambda wrapped, batch: dtypes.append(wrapped(batch).dtype) or {"loss": wrapped(batch).float().pow(2).mean()}
+    trainer.loss_fn = lambda wrapped, batch: (dtypes.append(wrapped(batch).dtype)
+                                              or {"loss": wrapped(batch).float().pow(2).mean()})
     trainer.fit()
     assert set(dtypes) == {torch.bfloat16 if native else torch.float32}
 

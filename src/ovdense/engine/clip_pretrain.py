@@ -350,7 +350,8 @@ class PretrainConfig(Recipe):
         `load_clip` reads (a weights file, e.g. an earlier run's export, to train it further; a pretrained tag).
     world: SyntheticWorld arguments {size, seed, max_objects}. scenes: train scenes; captions_per_scene: items
         per scene; close_ups: fraction of items that are close-ups; close_up_views, close_up_fill (the "anywhere"
-        views' range of box side / window side), stuff_close_ups, shape_captions: their kind (`SyntheticCaptions`); token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
+        views' range of box side / window side), stuff_close_ups, shape_captions: their kind (`SyntheticCaptions`);
+        token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
         mil_loss, mil_top_k: the weight of the caption-level token term and its patches per caption (`clip_loss`,
         ViTs); token_readout: the dense mode whose patch tokens these terms train (`PatchCLIP`);
         mask_true_captions: no caption true of an image is its negative (`clip_loss`);
