@@ -224,12 +224,12 @@ class Trainer:
         self.optimizer = (torch.optim.AdamW(param_groups, lr=config.lr) if config.optimizer == "adamw"
                           else torch.optim.SGD(param_groups, lr=config.lr, momentum=0.9))
         cuda = str(device).startswith("cuda")
-        self.amp_dtype = torch.float16 if cuda else torch.bfloat16
+        self.device_type, self.amp_dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.bfloat16)
         self.amp = config.amp and (cuda or native_cpu_bfloat16())
         if config.amp and not self.amp and self.rank == 0:
             logger.warning("train.amp: this CPU has no native bfloat16 (oneDNN finds no AVX-512 or AMX), where "
                            "autocast would be over 10x slower than float32; training in float32")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp and cuda)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and cuda)
         self.wrapped = model
         if self.world > 1:
             self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None,
@@ -312,8 +312,7 @@ class Trainer:
             batch = next(batches)
             # random layers (dropout, Gumbel noise) draw from a stream seeded by (seed, step, micro-batch, rank)
             torch.manual_seed(((self.config.seed * 1_000_003 + self.step) * 1_009 + micro) * 1_013 + self.rank)
-            with torch.autocast(device_type="cuda" if "cuda" in str(self.device) else "cpu", dtype=self.amp_dtype,
-                                enabled=self.amp):
+            with torch.autocast(device_type=self.device_type, dtype=self.amp_dtype, enabled=self.amp):
                 values = self.loss_fn(self.wrapped, batch)
             self.scaler.scale(values["loss"] / self.config.accumulate).backward()
             for key, value in values.items():
