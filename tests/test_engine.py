@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from ovdense.backbones import CLIPBackbone
 from ovdense.data.synthetic import COLOURS, SyntheticWorld
 from ovdense.engine import TrainConfig, Trainer, batch_positions, lr_at
-from ovdense.engine.clip_pretrain import (PatchCLIP, SyntheticCaptions, clip_loss, patch_targets,
-                                         top_k_caption_logits, true_of)
+from ovdense.engine.clip_pretrain import (PatchCLIP, SyntheticCaptions, caption_batch, clip_loss, patch_targets,
+                                         phrase_text, thing_index, top_k_caption_logits, true_of)
+from ovdense.data.export import scene_index
 from ovdense.engine import trainer as trainer_module
 from ovdense.engine.trainer import check_resume, clip_gradients, read_checkpoint, seeded
 from ovdense.errors import CheckpointError, InputError
@@ -43,20 +44,18 @@ def _patch_clip(model, readout="plain"):
     return PatchCLIP(CLIPBackbone(model, open_clip.get_tokenizer("tiny-vit"), "tiny-vit", "test"), readout)
 
 
-def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0, views="centred", mil_weight=0.0):
+def _tiny_clip_trainer(tmp_path, steps, seed=0, close_ups=0.0, token_weight=0.0, views="centred", mil_weight=0.0,
+                       scene_weight=0.0):
     torch.manual_seed(seed)
     model = open_clip.create_model("tiny-vit", pretrained=None)
-    tokenizer = open_clip.get_tokenizer("tiny-vit")
-    data = SyntheticCaptions(SyntheticWorld(64, seed=0, max_objects=2), scenes=64, captions_per_scene=1,
-                             close_ups=close_ups, views=views)
-
-    def collate(items):
-        images, texts, targets, subjects = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects)
-
+    world = SyntheticWorld(64, seed=0, max_objects=2)
+    data = SyntheticCaptions(world, scenes=64, captions_per_scene=1, close_ups=close_ups, views=views)
+    collate = partial(caption_batch, tokenizer=open_clip.get_tokenizer("tiny-vit"), world=world,
+                      phrases=scene_weight > 0)
     config = TrainConfig(steps=steps, batch_size=32, lr=2e-3, warmup_steps=2, log_every=1, checkpoint_every=2)
-    loss = partial(clip_loss, token_weight=token_weight, mil_weight=mil_weight, mil_top_k=4)
-    return Trainer(_patch_clip(model, "maskclip" if mil_weight else "plain") if token_weight or mil_weight else model,
+    loss = partial(clip_loss, token_weight=token_weight, mil_weight=mil_weight, mil_top_k=4, scene_weight=scene_weight)
+    patches = token_weight or mil_weight or scene_weight
+    return Trainer(_patch_clip(model, "maskclip" if mil_weight or scene_weight else "plain") if patches else model,
                    loss, data, config, tmp_path, collate=collate, progress=False)
 
 
@@ -166,13 +165,54 @@ def test_the_caption_level_token_term_is_its_formula_and_falls(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
+def test_the_scene_level_term_is_its_formula_and_falls(tmp_path):
+    torch.manual_seed(0)
+    world = SyntheticWorld(64, seed=0, max_objects=2)
+    model = open_clip.create_model("tiny-vit", pretrained=None).eval()
+    patch_clip, tokenizer = _patch_clip(model, "maskclip"), open_clip.get_tokenizer("tiny-vit")
+    red_star, blue_star, red_heart = (thing_index(world, shape, colour)
+                                      for shape, colour in (("star", "red"), ("star", "blue"), ("heart", "red")))
+    # three whole scenes and a close-up; scene 0 names a red star and a red heart, scene 1 a red heart, scene 2 a
+    # blue star and a red star
+    named = torch.zeros(4, len(world.classes) * len(COLOURS), dtype=torch.int8)
+    named[0, [red_star, red_heart]] = torch.tensor([2, 1], dtype=torch.int8)
+    named[1, red_heart] = named[2, blue_star] = 2
+    named[2, red_star] = 1
+    items = [(torch.randn(3, 64, 64), text, torch.zeros(64, 64, dtype=torch.bool), torch.tensor(subject), mark)
+             for text, subject, mark in zip(("a red star and a red heart", "a red heart on sand", "a blue star",
+                                             "a photo of grass."), ([-1] * 3, [-1] * 3, [-1] * 3, [1, -1, -1]), named)]
+    batch = caption_batch(items, tokenizer, world, phrases=True)
+    assert batch[5].tolist() == sorted([red_star, blue_star, red_heart])
+    assert tokenizer.decode(batch[6][0].tolist()).startswith("<start_of_text>a photo of a red star .")
+    values = clip_loss(patch_clip, batch, mil_top_k=3, scene_weight=0.5)
+    _, text, scale, patches = patch_clip(batch[0], torch.cat([batch[1], batch[6]]))
+    phrases = text[4:]  # red star, blue star, red heart (thing_index order)
+    against = {0: ([0, 1], 0), 1: ([0, 1, 2], 2), 2: ([1, 2], 0)}  # what each scene names is no negative of it
+    terms = []
+    for item, (columns, target) in against.items():
+        units = F.normalize(patches[item], dim=-1)  # (16, D)
+        logits = torch.stack([(scale * units @ phrases[j]).sort(descending=True).values[:3].mean() for j in columns])
+        terms.append(F.cross_entropy(logits[None], torch.tensor([target])))
+    assert torch.allclose(values["scene_loss"], torch.stack(terms).mean(), atol=1e-5)
+    assert torch.allclose(values["loss"], values["clip_loss"] + 0.5 * values["scene_loss"], atol=1e-5)
+    plain = clip_loss(patch_clip, batch[:4])  # the phrases are no captions of the contrastive term
+    assert torch.allclose(values["clip_loss"], plain["loss"], atol=1e-5)
+
+    trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.3, scene_weight=1.0)
+    trainer.fit()
+    with open(tmp_path / "metrics.csv") as handle:
+        losses = [float(row["scene_loss"]) for row in csv.DictReader(handle)]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
 def test_close_ups_mark_base_things_and_stuff_never_novel_things():
     world = SyntheticWorld(64, seed=0, max_objects=2)
     novel = {f" {name}." for name in world.novel}
     for views in ("centred", "anywhere"):
         data = SyntheticCaptions(world, scenes=8, captions_per_scene=2, close_ups=1.0, views=views, image_size=64)
         for index in range(16):
-            image, caption, target, (shown, paint, said) = data[index]
+            image, caption, target, (shown, paint, said), named = data[index]
+            assert not named.any()  # the scene-level term is for whole scenes
             assert caption.startswith("a photo of") and image.shape == (3, 64, 64) and target.shape == (64, 64)
             assert target.any() != any(caption.endswith(name) for name in novel), caption  # captions only for novel
             assert caption.endswith(f"{list(COLOURS)[said]} {world.classes[shown]}.") and said == paint
@@ -184,21 +224,38 @@ def test_close_ups_mark_base_things_and_stuff_never_novel_things():
     for fill in ((0.25, 0.3), (0.8, 0.9)):
         views = SyntheticCaptions(world, 8, 2, close_ups=1.0, views="anywhere", fill=fill)
         sides[fill] = [max(float(axis.max() - axis.min() + 1) for axis in target.nonzero().T) / target.shape[0]
-                       for _, _, target, _ in (views[i] for i in range(16)) if target.any()]
+                       for _, _, target, _, _ in (views[i] for i in range(16)) if target.any()]
     # the small fill is held unless the window would outgrow the image (things fill 28-52% of the scene)
     assert max(sides[0.25, 0.3]) < 0.5 and all(0.75 <= side <= 0.95 for side in sides[0.8, 0.9]), sides
     stuff = SyntheticCaptions(world, 8, 2, close_ups=1.0, stuff_close_ups=1.0, image_size=64)
     for index in range(16):
-        image, caption, target, subject = stuff[index]
+        image, caption, target, subject, _ = stuff[index]
         name = caption[len("a photo of "):-1]
         assert name in world.stuff and target.float().mean() > 0.3, (caption, target.float().mean())
         assert subject.tolist() == [world.classes.index(name), -1, -1]
     shapes = SyntheticCaptions(world, 8, 2, close_ups=1.0, shape_captions=1.0)
     for index in range(16):
-        image, caption, target, (shown, paint, said) = shapes[index]
+        image, caption, target, (shown, paint, said), _ = shapes[index]
         assert caption.endswith(f" {world.classes[shown]}.") and len(caption.split()) == 5 and paint >= 0 > said
-    image, caption, target, subject = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
+    image, caption, target, subject, _ = SyntheticCaptions(world, 8, 2, close_ups=0.0)[0]
     assert not target.any() and not caption.startswith("a photo of") and subject.tolist() == [-1, -1, -1]
+
+
+def test_whole_scenes_name_one_thing_of_their_caption_for_the_scene_level_term():
+    world = SyntheticWorld(64, seed=0, max_objects=3)
+    data = SyntheticCaptions(world, scenes=12, captions_per_scene=2)
+    chosen = set()
+    for index in range(24):
+        image, caption, target, subject, named = data[index]
+        scene = world.scene(scene_index("train", index // 2))
+        present = {thing_index(world, o.category, o.colour) for o in scene.objects}
+        wanted = named.eq(2).nonzero().flatten().tolist()
+        assert len(wanted) == 1 and set(named.nonzero().flatten().tolist()) <= present, (caption, named.nonzero())
+        category, colour = divmod(wanted[0], len(COLOURS))
+        name = f"{list(COLOURS)[colour]} {world.classes[category]}"
+        assert name in caption and phrase_text(world, wanted[0]) in (f"a photo of a {name}.", f"a photo of an {name}.")
+        chosen.add(world.classes[category])
+    assert chosen & set(world.novel) and len(chosen) > 4  # novel things too; not always the same thing
 
 
 def test_resume_after_kill_gives_the_same_next_steps(tmp_path):

@@ -98,6 +98,7 @@ def test_the_small_recipes_are_valid(tmp_path, tiny_model_configs):
 BAD = [  # (method, key changed, value, what the message must say)
     ("clip", "train.steps", 0, "train.steps: must be an integer >= 1, got 0"),
     ("clip", "token_loss", -0.5, "token_loss: must be >= 0"),
+    ("clip", "scene_loss", "strong", "scene_loss: must be a number, got the text 'strong'"),
     ("clip", "close_up_views", "random", "close_up_views: unknown value 'random'; choose one of centred, anywhere"),
     ("clip", "close_up_fill", [0.9, 0.3], "close_up_fill: the first value must not exceed the second"),
     ("clip", "close_up_fill", [0, 0.5], "close_up_fill[0]: must be > 0, got 0"),
@@ -179,7 +180,7 @@ def test_set_changes_recipe_values_and_its_mistakes_are_refused_before_any_work(
         with pytest.raises(InputError, match=message):
             _cli("tcl", "--config", path, "--output", tmp_path / "run", "--set", assignment)
     clip = _write(tmp_path / "clip.yaml", _recipes(tmp_path)["clip"])
-    for key in ("token_loss", "mil_loss"):
+    for key in ("token_loss", "mil_loss", "scene_loss"):
         with pytest.raises(InputError, match=f"{key}: the token terms need a ViT; tiny-rn is a ResNet"):
             _cli("clip", "--config", clip, "--output", tmp_path / "run", "--set", "model=tiny-rn", "--set", f"{key}=1")
     with pytest.raises(InputError, match="token_readout: unknown value 'value'"):

@@ -58,8 +58,8 @@ def anywhere_window(image_size: tuple[int, int], box: list[int], rng: np.random.
 
 
 class SyntheticCaptions(torch.utils.data.Dataset):
-    """Item i: (image (3, S, S) normalised, caption string, token target (S, S) bool, subject (3,) int64) from train
-    scene i // k (k items per scene); S is `image_size` (default: the world's size).
+    """Item i: (image (3, S, S) normalised, caption string, token target (S, S) bool, subject (3,) int64, named (P,)
+    int8) from train scene i // k (k items per scene); S is `image_size` (default: the world's size).
 
     Most items are the whole scene with one of its captions; a `close_ups` fraction are close-up views (chosen
     deterministically from i). A `stuff_close_ups` fraction of those show a window mostly inside one stuff region,
@@ -71,7 +71,9 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     empty for whole scenes and for novel things, which the world shows in captions only. The subject says what a
     close-up shows and what its caption says of it: its world class, its colour and the colour the caption names
     (indices into world.classes and COLOURS; -1 for none: whole scenes, stuff, shape-only captions); `true_of`.
-    Scenes are generated on first use and kept in memory.
+    `named` is for whole scenes, read from their captions' words: over the P = classes x colours things
+    (`phrase_text`), 2 marks one thing that the item's caption names, 1 the others that the scene's captions name;
+    all 0 for close-ups. Scenes are generated on first use and kept in memory.
     """
 
     def __init__(self, world: SyntheticWorld, scenes: int, captions_per_scene: int = 3, split: str = "train",
@@ -87,17 +89,23 @@ class SyntheticCaptions(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.scenes * self.k
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor, torch.Tensor, torch.Tensor]:
         scene_id, caption_id = divmod(index, self.k)
         if scene_id not in self._cache:
             scene = self.world.scene(scene_index(self.split, scene_id))
+            things = [[thing_index(self.world, p.category, scene.objects[p.objects[0]].colour)
+                       for p in c.phrases if p.objects] for c in scene.captions]  # what each caption names
             self._cache[scene_id] = (scene.image, scene.semantic.astype(np.uint8), [c.text for c in scene.captions],
-                                     [(o.box, o.category, o.colour, o.mask) for o in scene.objects])
-        image, semantic, captions, objects = self._cache[scene_id]
+                                     [(o.box, o.category, o.colour, o.mask) for o in scene.objects], things)
+        image, semantic, captions, objects, things = self._cache[scene_id]
         rng = np.random.default_rng([index, 17])
         subject = [-1, -1, -1]
+        named = torch.zeros(len(self.world.classes) * len(COLOURS), dtype=torch.int8)
         if rng.random() >= self.close_ups:
             window, caption, target = (0, 0, image.shape[1], image.shape[0]), captions[caption_id % len(captions)], None
+            named[[t for said in things for t in said]] = 1
+            said = things[caption_id % len(captions)]
+            named[said[int(rng.integers(len(said)))]] = 2
         elif self.stuff_close_ups and rng.random() < self.stuff_close_ups:  # no draw without: older recipes' data
             window, subject[0] = self._stuff_close_up(semantic, rng)
             caption, target = f"a photo of {self.world.classes[subject[0]]}.", semantic == subject[0]
@@ -108,8 +116,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
             else:
                 window = anywhere_window(image.shape[:2], box, rng, self.fill)
             said = not rng.random() < self.shape_captions
-            name = f"{colour} {category}" if said else category
-            caption = f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}."
+            caption = photo_caption(f"{colour} {category}" if said else category)
             target = None if category in self.world.novel else mask
             paint = list(COLOURS).index(colour)
             subject = [self.world.classes.index(category), paint, paint if said else -1]
@@ -121,7 +128,7 @@ class SyntheticCaptions(torch.utils.data.Dataset):
             target = torch.from_numpy(target[y0:y1, x0:x1]).float()[None, None]
             target = F.interpolate(target, size=size, mode="nearest")[0, 0].bool()
         return (to_tensor(image[y0:y1, x0:x1], self.mean, self.std, self.image_size), caption, target,
-                torch.tensor(subject))
+                torch.tensor(subject), named)
 
     def _stuff_close_up(self, semantic: np.ndarray, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], int]:
         """A square window (30-60% of the image's short side) around one of 8 random pixels of a random stuff class
@@ -137,6 +144,34 @@ class SyntheticCaptions(torch.utils.data.Dataset):
                    min(max(0, int(ys[k]) - side // 2), height - side)) for k in picks]
         x0, y0 = max(places, key=lambda p: region[p[1]:p[1] + side, p[0]:p[0] + side].sum())
         return (x0, y0, x0 + side, y0 + side), label
+
+
+def photo_caption(name: str) -> str:
+    """'red star' -> 'a photo of a red star.' (the close-ups' captions; 'an' before a vowel)."""
+    return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}."
+
+
+def thing_index(world: SyntheticWorld, category: str, colour: str) -> int:
+    """A {colour} {category} thing -> its index among the world's classes x COLOURS (`phrase_text`)."""
+    return world.classes.index(category) * len(COLOURS) + list(COLOURS).index(colour)
+
+
+def phrase_text(world: SyntheticWorld, index: int) -> str:
+    """`thing_index` -> the close-up caption that names that thing: 'a photo of a red star.'."""
+    category, colour = divmod(index, len(COLOURS))
+    return photo_caption(f"{list(COLOURS)[colour]} {world.classes[category]}")
+
+
+def caption_batch(items, tokenizer, world: SyntheticWorld, phrases: bool = False) -> tuple:
+    """`SyntheticCaptions` items -> (images (B, 3, S, S), tokens (B, L), targets (B, S, S), subjects (B, 3), named
+    (B, P)), and with `phrases` also (phrase ids (U,), their tokens (U, L)): the U things the batch's scenes are asked
+    to find (`named` == 2), in the scene-level term's order."""
+    images, texts, targets, subjects, named = zip(*items)
+    batch = torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects), torch.stack(named)
+    if not phrases:
+        return batch
+    ids = torch.nonzero(batch[4] == 2)[:, 1].unique()
+    return batch + (ids, tokenizer([phrase_text(world, int(i)) for i in ids]))
 
 
 class PatchCLIP(torch.nn.Module):
@@ -169,11 +204,11 @@ def patch_targets(targets: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool = False, mil_weight: float = 0.0,
-              mil_top_k: int = 8) -> dict[str, torch.Tensor]:
+              mil_top_k: int = 8, scene_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """Symmetric InfoNCE between the batch's images and captions (open_clip's ClipLoss, gathered under DDP).
 
-    batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, subjects (B, 3)), as `SyntheticCaptions`
-    gives them.
+    batch: (images (B, 3, S, S), tokens (B, L), token targets (B, S, S) bool, subjects (B, 3)[, named (B, P), phrase
+    ids (U,), phrase tokens (U, L)]), as `caption_batch` gives them.
     mask_true_captions: leave out of each image's softmax the other captions that are also true of it, and out of
     each caption's the other images it is true of (`also_true`): templated close-up captions repeat, and a repeat
     is no negative.
@@ -186,10 +221,15 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
     classified by `top_k_caption_logits` among the captions of close-ups of its kind (things or stuff), each caption
     scored by the `mil_top_k` patches that match it best. No pixel is marked: some patches must name the caption,
     more than any patch names another of its kind. Scene captions and the other kind's are no negatives: a thing
-    close-up shows stuff around it (and may show a part of another thing: the noise this term accepts)."""
-    images, tokens, targets, subjects = batch
-    outputs = model(images, tokens)
-    image_features, text_features, logit_scale = outputs[:3]
+    close-up shows stuff around it (and may show a part of another thing: the noise this term accepts).
+    scene_weight > 0 adds the scene-level term, the same in whole scenes: each scene is classified among the batch's
+    phrases ("a photo of a red star.", one thing its caption names) by `top_k_caption_logits`, the things its
+    captions name left out of its negatives. It finds things, novel ones included, among their neighbours."""
+    images, tokens, targets, subjects = batch[:4]
+    phrases = bool(scene_weight) and len(batch[5]) > 0
+    outputs = model(images, torch.cat([tokens, batch[6]]) if phrases else tokens)
+    image_features, logit_scale = outputs[0], outputs[2]
+    text_features, phrase_features = outputs[1][:len(tokens)], outputs[1][len(tokens):]
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if world > 1 else 0
     if mask_true_captions:
@@ -198,7 +238,7 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
         loss = open_clip.ClipLoss(gather_with_grad=True, rank=rank, world_size=world)(
             image_features, text_features, logit_scale)
     values = {"loss": loss, "logit_scale": logit_scale.detach()}
-    if not (token_weight or mil_weight):
+    if not (token_weight or mil_weight or phrases):
         return values
     values["clip_loss"] = loss.detach()
     patches, leave_out = F.normalize(outputs[3], dim=-1), also_true(tokens, subjects)  # (B, h*w, D), (B, B)
@@ -215,6 +255,14 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
         logits = top_k_caption_logits(patches[shown], text_features, logit_scale, mil_top_k)
         mil_loss = F.cross_entropy(logits.masked_fill((leave_out | other_kind)[shown], float("-inf")), shown)
         values |= {"loss": values["loss"] + mil_weight * mil_loss, "mil_loss": mil_loss.detach()}
+    if phrases:
+        named, ids = batch[4].to(images.device), batch[5].to(images.device)
+        scenes, wanted = torch.nonzero(named == 2).unbind(dim=1)
+        logits = top_k_caption_logits(patches[scenes], phrase_features, logit_scale, mil_top_k)  # (n, U)
+        own_phrase = (wanted[:, None] == ids[None]).float().argmax(dim=1)
+        leave_out = (named[scenes][:, ids] > 0) & (wanted[:, None] != ids[None])
+        scene_loss = F.cross_entropy(logits.masked_fill(leave_out, float("-inf")), own_phrase)
+        values |= {"loss": values["loss"] + scene_weight * scene_loss, "scene_loss": scene_loss.detach()}
     return values
 
 
@@ -353,7 +401,8 @@ class PretrainConfig(Recipe):
         views' range of box side / window side), stuff_close_ups, shape_captions: their kind (`SyntheticCaptions`);
         token_loss: the weight of the close-up token term (`clip_loss`, ViTs);
         mil_loss, mil_top_k: the weight of the caption-level token term and its patches per caption (`clip_loss`,
-        ViTs); token_readout: the dense mode whose patch tokens these terms train (`PatchCLIP`);
+        ViTs); scene_loss: the weight of the scene-level term (the same in whole scenes, for one thing their caption
+        names; `clip_loss`, ViTs); token_readout: the dense mode whose patch tokens these terms train (`PatchCLIP`);
         mask_true_captions: no caption true of an image is its negative (`clip_loss`);
         eval_scenes: val scenes scored.
     train: TrainConfig fields. export: where the final fp16 weights go (safetensors); a relative path is in the
@@ -373,6 +422,7 @@ class PretrainConfig(Recipe):
     token_loss: float = 0.0
     mil_loss: float = 0.0
     mil_top_k: int = 8
+    scene_loss: float = 0.0
     token_readout: str = "plain"
     mask_true_captions: bool = False
     eval_scenes: int = 200
@@ -393,10 +443,11 @@ class PretrainConfig(Recipe):
         checks.number("token_loss", self.token_loss, minimum=0)
         checks.number("mil_loss", self.mil_loss, minimum=0)
         checks.integer("mil_top_k", self.mil_top_k, minimum=1)
+        checks.number("scene_loss", self.scene_loss, minimum=0)
         checks.choice("token_readout", self.token_readout, TOKEN_READOUTS)
         checks.boolean("mask_true_captions", self.mask_true_captions)
         layers = (open_clip.get_model_config(self.model) or {}).get("vision_cfg", {}).get("layers")
-        for key in ("token_loss", "mil_loss"):
+        for key in ("token_loss", "mil_loss", "scene_loss"):
             if getattr(self, key) and isinstance(layers, (list, tuple)):  # a ResNet's stages
                 raise InputError(f"{key}: the token terms need a ViT; {self.model} is a ResNet")
         checks.integer("eval_scenes", self.eval_scenes, minimum=1)
@@ -432,10 +483,6 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
                              stuff_close_ups=config.stuff_close_ups, shape_captions=config.shape_captions,
                              fill=tuple(config.close_up_fill))
 
-    def collate(items):
-        images, texts, targets, subjects = zip(*items)
-        return torch.stack(images), tokenizer(list(texts)), torch.stack(targets), torch.stack(subjects)
-
     def evaluate(_model):
         scores = zero_shot_crops(backbone, world, config.eval_scenes)
         for mode in ("maskclip", "plain"):
@@ -444,9 +491,11 @@ def pretrain_clip(config: PretrainConfig, out_dir: str | Path, device: str = "cp
         return scores
 
     run = {"method": "clip", "recipe": config.source, "model": {"model": config.model}}
-    trainee = PatchCLIP(backbone, config.token_readout) if config.token_loss or config.mil_loss else model
+    patches = config.token_loss or config.mil_loss or config.scene_loss
+    trainee = PatchCLIP(backbone, config.token_readout) if patches else model
     loss = partial(clip_loss, token_weight=config.token_loss, mask_true_captions=config.mask_true_captions,
-                   mil_weight=config.mil_loss, mil_top_k=config.mil_top_k)
+                   mil_weight=config.mil_loss, mil_top_k=config.mil_top_k, scene_weight=config.scene_loss)
+    collate = partial(caption_batch, tokenizer=tokenizer, world=world, phrases=config.scene_loss > 0)
     trainer = Trainer(trainee, loss, data, train_config, out_dir, collate=collate, evaluate=evaluate, device=device,
                       progress=progress, run=run)
     trainer.fit(resume=resume, max_steps=max_steps)
