@@ -197,6 +197,8 @@ def test_the_scene_level_term_is_its_formula_and_falls(tmp_path):
     assert torch.allclose(values["loss"], values["clip_loss"] + 0.5 * values["scene_loss"], atol=1e-5)
     plain = clip_loss(patch_clip, batch[:4])  # the phrases are no captions of the contrastive term
     assert torch.allclose(values["clip_loss"], plain["loss"], atol=1e-5)
+    with pytest.raises(ValueError, match="caption_batch"):
+        clip_loss(patch_clip, batch[:5], scene_weight=0.5)
 
     trainer = _tiny_clip_trainer(tmp_path, steps=30, close_ups=0.3, scene_weight=1.0)
     trainer.fit()
@@ -248,9 +250,11 @@ def test_whole_scenes_name_one_thing_of_their_caption_for_the_scene_level_term()
     for index in range(24):
         image, caption, target, subject, named = data[index]
         scene = world.scene(scene_index("train", index // 2))
-        present = {thing_index(world, o.category, o.colour) for o in scene.objects}
+        said = {thing_index(world, p.category, scene.objects[p.objects[0]].colour)
+                for c in scene.captions for p in c.phrases if p.objects}  # what the scene's captions name
+        assert said <= {thing_index(world, o.category, o.colour) for o in scene.objects}
         wanted = named.eq(2).nonzero().flatten().tolist()
-        assert len(wanted) == 1 and set(named.nonzero().flatten().tolist()) <= present, (caption, named.nonzero())
+        assert len(wanted) == 1 and set(named.nonzero().flatten().tolist()) == said, (caption, named.nonzero())
         category, colour = divmod(wanted[0], len(COLOURS))
         name = f"{list(COLOURS)[colour]} {world.classes[category]}"
         assert name in caption and phrase_text(world, wanted[0]) in (f"a photo of a {name}.", f"a photo of an {name}.")

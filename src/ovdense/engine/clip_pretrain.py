@@ -224,8 +224,12 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
     close-up shows stuff around it (and may show a part of another thing: the noise this term accepts).
     scene_weight > 0 adds the scene-level term, the same in whole scenes: each scene is classified among the batch's
     phrases ("a photo of a red star.", one thing its caption names) by `top_k_caption_logits`, the things its
-    captions name left out of its negatives. It finds things, novel ones included, among their neighbours."""
+    captions name left out of its negatives. It finds things, novel ones included, among their neighbours; a thing
+    in view that no caption of the scene names (about 1 scene in 7 has one among its negatives) is the noise it
+    accepts."""
     images, tokens, targets, subjects = batch[:4]
+    if scene_weight and len(batch) < 7:
+        raise ValueError("scene_weight needs the phrases of caption_batch(..., phrases=True)")
     phrases = bool(scene_weight) and len(batch[5]) > 0
     outputs = model(images, torch.cat([tokens, batch[6]]) if phrases else tokens)
     image_features, logit_scale = outputs[0], outputs[2]
@@ -268,9 +272,9 @@ def clip_loss(model, batch, token_weight: float = 0.0, mask_true_captions: bool 
 
 def top_k_caption_logits(patches: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, k: int
                          ) -> torch.Tensor:
-    """(n, P, D) unit patch embeddings and (T, D) unit caption features -> (n, T): each caption's scaled cosine with
-    an image, averaged over the k of its P patches that match that caption best."""
-    logits = logit_scale * patches @ text_features.T  # (n, P, T)
+    """(n, N, D) unit patch embeddings and (T, D) unit caption features -> (n, T): each caption's scaled cosine with
+    an image, averaged over the k of its N patches that match that caption best."""
+    logits = logit_scale * patches @ text_features.T  # (n, N, T)
     return logits.topk(min(k, logits.shape[1]), dim=1).values.mean(dim=1)
 
 
